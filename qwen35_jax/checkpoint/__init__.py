@@ -1,0 +1,1 @@
+"""HF checkpoint names, safetensors reading and loading into the NNX model."""

@@ -1,0 +1,72 @@
+"""Loading an HF safetensors checkpoint folder into the NNX model through the name table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen35_jax.checkpoint.names import Rule, checkpoint_rules, detect_layout, is_skipped
+from qwen35_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFolder
+from qwen35_jax.config import ModelConfig
+from qwen35_jax.nn.model import Qwen35
+
+
+def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, {path: abstract Variable}) of the model, with nothing allocated."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35(cfg, dtype, nnx.Rngs(0))))
+    return graphdef, state, {tuple(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def layer_shape(variable, rule: Rule) -> tuple[int, ...]:
+    shape = tuple(variable.value.shape)
+    return shape[1:] if rule.period is not None else shape
+
+
+def check_tensors(folder: SafetensorsFolder, rules: list[Rule], variables: dict) -> None:
+    """Raises one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+    present = set(folder.names())
+    expected, problems = set(), []
+    for rule in rules:
+        expected.update(rule.hf)
+        missing = [n for n in rule.hf if n not in present]
+        problems += [f"missing tensor {n}" for n in missing]
+        if missing:
+            continue
+        ours = [jax.ShapeDtypeStruct(layer_shape(variables[p], rule), jnp.float32) for p in rule.ours]
+        for name, want in zip(rule.hf, jax.eval_shape(rule.to_hf, *ours)):
+            got = folder.shape(name)
+            if tuple(got) != tuple(want.shape):
+                problems.append(f"tensor {name} in {folder.file_of(name).path.name} has shape {list(got)}, "
+                                f"expected {list(want.shape)} from config.json")
+    problems += [f"unexpected tensor {n} in {folder.file_of(n).path.name}"
+                 for n in sorted(present - expected) if not is_skipped(n)]
+    if problems:
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise CheckpointError(f"{folder.folder}: checkpoint does not match its config ({len(problems)} problems):"
+                              f"\n  {shown}")
+
+
+def load_hf(path: str | Path, dtype=jnp.float32, cfg: ModelConfig | None = None) -> Qwen35:
+    """Loads an HF folder (config.json + *.safetensors [+ index]) into a `Qwen35` of `dtype`."""
+    path = Path(path)
+    cfg = cfg or ModelConfig.from_hf(path)
+    folder = SafetensorsFolder(path)
+    prefix, fused = detect_layout(folder.names())
+    rules = checkpoint_rules(cfg, prefix, fused)
+    graphdef, state, variables = abstract_model(cfg, dtype)
+    check_tensors(folder, rules, variables)
+    arrays = {p: np.empty(v.value.shape, v.value.dtype) for p, v in variables.items()}
+    for rule in rules:
+        values = rule.to_ours(*(folder.get(n) for n in rule.hf))
+        for p, value in zip(rule.ours, values):
+            target = arrays[p] if rule.period is None else arrays[p][rule.period]
+            target[...] = value.astype(target.dtype)
+    unfilled = sorted(set(variables) - {p for r in rules for p in r.ours})
+    assert not unfilled, f"name table misses parameters {unfilled}"
+    for p, v in variables.items():
+        v.value = jnp.asarray(arrays.pop(p))
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,258 @@
+"""Model configuration: frozen dataclasses read from HF-style config.json files.
+
+`ModelConfig.from_hf` accepts a checkpoint folder, a config.json path, a dict (top-level multimodal with a
+`text_config`, or text-only) or a preset name from `configs/models/` (for example `"qwen3.5-35b-a3b"`).
+Every check raises `ConfigError` naming the field, its value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+LAYER_TYPES = ("linear_attention", "full_attention")
+SUPPORTED_ROPE_TYPES = ("default",)
+SUPPORTED_ACTIVATIONS = ("silu",)
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a Qwen3.5 model; the message names the field and the source."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The ViT encoder's shape (stored so checkpoints round-trip; the encoder itself is a later issue)."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    hidden_act: str = "gelu_pytorch_tanh"
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 1152
+    num_position_embeddings: int = 2304
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The Qwen3.5 text decoder (dense when `num_experts == 0`, sparse MoE otherwise)."""
+
+    vocab_size: int = 248320
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 256
+    intermediate_size: int = 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    router_aux_loss_coef: float = 0.001
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 16
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_conv_kernel_dim: int = 4
+    layer_types: tuple[str, ...] = ()
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, ...] = (11, 11, 10)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 262144
+    tie_word_embeddings: bool = False
+    mtp_num_hidden_layers: int = 0
+    vision: VisionConfig | None = None
+    # Runtime knobs (not part of HF configs).
+    scan_layers: bool = True
+    remat: str = "none"
+    moe_backend: str = "auto"
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", default_layer_types(self.num_hidden_layers))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
+        validate(self)
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def period(self) -> tuple[str, ...]:
+        """The repeating block of layer types the decoder scans over (the whole list if irregular)."""
+        types, n = self.layer_types, len(self.layer_types)
+        if not self.scan_layers:
+            return types
+        for p in range(1, n + 1):
+            if n % p == 0 and types == types[:p] * (n // p):
+                return types[:p]
+        return types
+
+    @property
+    def num_periods(self) -> int:
+        return self.num_hidden_layers // len(self.period)
+
+    # ---- HF interop ----------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source: str | Path | dict, **overrides) -> ModelConfig:
+        """Reads a preset name, a checkpoint folder, a config.json path or an HF config dict."""
+        data, where = _read_source(source)
+        return cls.from_dict(data, where=where, **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config", **overrides) -> ModelConfig:
+        top = data
+        text = dict(data.get("text_config", data))
+        if "tie_word_embeddings" in top:
+            text["tie_word_embeddings"] = top["tie_word_embeddings"]
+        kwargs = _text_kwargs(text, where)
+        if isinstance(top.get("vision_config"), dict):
+            kwargs["vision"] = _vision_config(top["vision_config"], where)
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_hf(self) -> dict:
+        """The HF config dict: top-level multimodal when a vision config is present, else text-only."""
+        text = {
+            "model_type": "qwen3_5_moe_text" if self.is_moe else "qwen3_5_text",
+            "architectures": ["Qwen3_5MoeForCausalLM" if self.is_moe else "Qwen3_5ForCausalLM"],
+            "rope_parameters": {
+                "rope_type": "default", "rope_theta": self.rope_theta,
+                "partial_rotary_factor": self.partial_rotary_factor,
+                "mrope_section": list(self.mrope_section), "mrope_interleaved": True,
+            },
+            "layer_types": list(self.layer_types),
+        }
+        skip = {"layer_types", "rope_theta", "partial_rotary_factor", "mrope_section", "vision",
+                "scan_layers", "remat", "moe_backend"}
+        skip |= {"intermediate_size"} if self.is_moe else {
+            "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "shared_expert_intermediate_size", "router_aux_loss_coef"}
+        for f in dataclasses.fields(self):
+            if f.name not in skip:
+                text[f.name] = getattr(self, f.name)
+        if self.vision is None:
+            return text
+        kind = "qwen3_5_moe" if self.is_moe else "qwen3_5"
+        text.pop("architectures")
+        return {
+            "architectures": ["Qwen3_5MoeForConditionalGeneration" if self.is_moe
+                              else "Qwen3_5ForConditionalGeneration"],
+            "model_type": kind, "tie_word_embeddings": self.tie_word_embeddings,
+            "text_config": text,
+            "vision_config": {"model_type": kind, **dataclasses.asdict(self.vision)},
+        }
+
+
+def default_layer_types(num_layers: int, interval: int = 4) -> tuple[str, ...]:
+    """HF's default: every `interval`-th layer is full attention, the rest Gated DeltaNet."""
+    return tuple("linear_attention" if (i + 1) % interval else "full_attention" for i in range(num_layers))
+
+
+def _read_source(source) -> tuple[dict, str]:
+    if isinstance(source, dict):
+        return source, "config dict"
+    path = Path(source)
+    if not path.exists() and (PRESET_DIR / f"{source}.json").exists():
+        path = PRESET_DIR / f"{source}.json"
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+        raise ConfigError(f"no config at {source!r}: expected a checkpoint folder with config.json, "
+                          f"a config.json path, or a preset name ({', '.join(presets)})")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def _text_kwargs(text: dict, where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(ModelConfig)} - {"vision", "layer_types", "mrope_section"}
+    kwargs = {k: text[k] for k in names if k in text}
+    if "layer_types" in text:
+        kwargs["layer_types"] = tuple(text["layer_types"])
+    elif "num_hidden_layers" in text:
+        kwargs["layer_types"] = default_layer_types(text["num_hidden_layers"],
+                                                    text.get("full_attention_interval", 4))
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"{where}: rope_parameters.rope_type={rope_type!r} is not supported "
+                          f"(expected one of {SUPPORTED_ROPE_TYPES})")
+    for key, field in (("rope_theta", "rope_theta"), ("partial_rotary_factor", "partial_rotary_factor"),
+                       ("mrope_section", "mrope_section")):
+        if key in rope:
+            kwargs[field] = rope[key]
+        elif key in text:
+            kwargs[field] = text[key]
+    if "num_experts" in text and text.get("model_type", "").startswith("qwen3_5_text"):
+        kwargs.pop("num_experts")  # a dense config never has experts
+    return kwargs
+
+
+def _vision_config(vision: dict, where: str) -> VisionConfig:
+    names = {f.name for f in dataclasses.fields(VisionConfig)}
+    return VisionConfig(**{k: v for k, v in vision.items() if k in names})
+
+
+def validate(c: ModelConfig) -> None:
+    """Raises ConfigError naming the first field that cannot describe a Qwen3.5 model."""
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
+                 "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name}={value!r}: expected a positive integer")
+    if len(c.layer_types) != c.num_hidden_layers:
+        raise ConfigError(f"layer_types has {len(c.layer_types)} entries: expected num_hidden_layers="
+                          f"{c.num_hidden_layers}")
+    bad = sorted({t for t in c.layer_types if t not in LAYER_TYPES})
+    if bad:
+        raise ConfigError(f"layer_types contains {bad}: expected only {LAYER_TYPES}")
+    if c.num_attention_heads % c.num_key_value_heads:
+        raise ConfigError(f"num_attention_heads={c.num_attention_heads} is not a multiple of "
+                          f"num_key_value_heads={c.num_key_value_heads}")
+    if c.linear_num_value_heads % c.linear_num_key_heads:
+        raise ConfigError(f"linear_num_value_heads={c.linear_num_value_heads} is not a multiple of "
+                          f"linear_num_key_heads={c.linear_num_key_heads}")
+    if c.hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"hidden_act={c.hidden_act!r}: expected one of {SUPPORTED_ACTIVATIONS}")
+    rot = c.rotary_dim
+    if rot <= 0 or rot % 2 or rot > c.head_dim:
+        raise ConfigError(f"partial_rotary_factor={c.partial_rotary_factor} gives rotary dim {rot}: "
+                          f"expected an even number in (0, head_dim={c.head_dim}]")
+    if len(c.mrope_section) != 3 or sum(c.mrope_section) != rot // 2:
+        raise ConfigError(f"mrope_section={list(c.mrope_section)} must have 3 entries summing to rotary_dim/2="
+                          f"{rot // 2} (head_dim={c.head_dim} x partial_rotary_factor={c.partial_rotary_factor})")
+    if c.is_moe:
+        for name in ("num_experts_per_tok", "moe_intermediate_size"):
+            if getattr(c, name) <= 0:
+                raise ConfigError(f"{name}={getattr(c, name)!r}: expected a positive integer for an MoE model")
+        if c.num_experts_per_tok > c.num_experts:
+            raise ConfigError(f"num_experts_per_tok={c.num_experts_per_tok} exceeds num_experts={c.num_experts}")
+    elif c.intermediate_size <= 0:
+        raise ConfigError(f"intermediate_size={c.intermediate_size!r}: expected a positive integer for a dense "
+                          "model (or set num_experts for an MoE model)")
+    if c.remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat={c.remat!r}: expected one of {REMAT_POLICIES}")
+    if c.moe_backend not in ("auto", "ragged", "blocked"):
+        raise ConfigError(f"moe_backend={c.moe_backend!r}: expected 'auto', 'ragged' or 'blocked'")

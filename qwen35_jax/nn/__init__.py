@@ -1,0 +1,1 @@
+"""Flax NNX modules of the Qwen3.5 text model."""

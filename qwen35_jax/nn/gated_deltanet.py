@@ -1,0 +1,71 @@
+"""Gated DeltaNet (`linear_attn` on linear_attention layers)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen35_jax.config import ModelConfig
+from qwen35_jax.nn.norms import GatedRMSNorm
+from qwen35_jax.nn.params import param
+from qwen35_jax.ops.conv import causal_conv1d
+from qwen35_jax.ops.delta_rule import gated_delta_rule_chunked
+from qwen35_jax.ops.norm import l2_normalize
+
+
+class GatedDeltaNet(nnx.Module):
+    """Linear attention with the gated delta rule.
+
+    HF's fused `in_proj_qkv` and `conv1d` are stored split into q / k / v parts so each can be sharded
+    by heads: in_proj_q, in_proj_k [H, key_heads, dk]; in_proj_v, in_proj_z [H, heads, dv];
+    conv_q, conv_k [K, key_heads, dk]; conv_v [K, heads, dv]; in_proj_a, in_proj_b [H, heads].
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        h, kc = cfg.hidden_size, cfg.linear_conv_kernel_dim
+        nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        key_axes, value_axes = ("embed", "key_heads", "head_dim"), ("embed", "heads", "head_dim")
+        self.in_proj_q = param(rngs, (h, nk, dk), key_axes, dtype)
+        self.in_proj_k = param(rngs, (h, nk, dk), key_axes, dtype)
+        self.in_proj_v = param(rngs, (h, nv, dv), value_axes, dtype)
+        self.in_proj_z = param(rngs, (h, nv, dv), value_axes, dtype)
+        self.in_proj_b = param(rngs, (h, nv), ("embed", "heads"), dtype)
+        self.in_proj_a = param(rngs, (h, nv), ("embed", "heads"), dtype)
+        self.conv_q = param(rngs, (kc, nk, dk), (None, "key_heads", "head_dim"), dtype)
+        self.conv_k = param(rngs, (kc, nk, dk), (None, "key_heads", "head_dim"), dtype)
+        self.conv_v = param(rngs, (kc, nv, dv), (None, "heads", "head_dim"), dtype)
+        self.A_log = param(rngs, (nv,), ("heads",), dtype, init="a_log")
+        self.dt_bias = param(rngs, (nv,), ("heads",), dtype, init="ones")
+        self.norm = GatedRMSNorm(dv, cfg.rms_norm_eps, dtype, rngs)
+        self.out_proj = param(rngs, (nv, dv, h), ("heads", "head_dim", "embed"), dtype)
+        self.heads_per_key = nv // nk
+
+    def _conv_silu(self, x, proj, conv, state):
+        """x @ proj, then causal conv + SiLU. Returns ([B, L, heads, d] in x's dtype, new conv state)."""
+        y, state = causal_conv1d(jnp.einsum("blh,hnd->blnd", x, proj[...]), conv[...], state)
+        return jax.nn.silu(y.astype(jnp.float32)).astype(x.dtype), state
+
+    def __call__(self, x: jax.Array, state: dict | None = None, core=gated_delta_rule_chunked
+                 ) -> tuple[jax.Array, dict]:
+        """x: [B, L, H] -> ([B, L, H], new state).
+
+        state: None (start from zeros) or {"conv_q", "conv_k", "conv_v": [B, K-1, heads, d] (x's dtype),
+        "recurrent": [B, heads, dk, dv] float32}; `core` is one of the delta-rule functions.
+        """
+        state = state or {}
+        q, conv_q = self._conv_silu(x, self.in_proj_q, self.conv_q, state.get("conv_q"))
+        k, conv_k = self._conv_silu(x, self.in_proj_k, self.conv_k, state.get("conv_k"))
+        v, conv_v = self._conv_silu(x, self.in_proj_v, self.conv_v, state.get("conv_v"))
+        z = jnp.einsum("blh,hnd->blnd", x, self.in_proj_z[...])
+        beta = jax.nn.sigmoid(x @ self.in_proj_b[...])
+        a = (x @ self.in_proj_a[...]).astype(jnp.float32)
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
+            a + self.dt_bias[...].astype(jnp.float32))
+        q = jnp.repeat(q, self.heads_per_key, axis=2)
+        k = jnp.repeat(k, self.heads_per_key, axis=2)
+        q = l2_normalize(q.astype(jnp.float32)) * q.shape[-1] ** -0.5
+        k = l2_normalize(k.astype(jnp.float32))
+        out, recurrent = core(q, k, v, g, beta, state.get("recurrent"))
+        out = self.norm(out.astype(x.dtype), z)
+        new_state = {"conv_q": conv_q, "conv_k": conv_k, "conv_v": conv_v, "recurrent": recurrent}
+        return jnp.einsum("blnd,ndh->blh", out, self.out_proj[...]), new_state

@@ -1,0 +1,30 @@
+"""Sparse MoE block: softmax top-k router, dropless routed experts, sigmoid-gated shared expert."""
+
+import jax
+from flax import nnx
+
+from qwen35_jax.config import ModelConfig
+from qwen35_jax.nn.mlp import MLP
+from qwen35_jax.nn.params import param
+from qwen35_jax.ops.moe import moe_experts, route
+
+
+class SparseMoe(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.router = param(rngs, (h, e), ("embed", None), dtype)
+        self.experts_gate_up = param(rngs, (e, h, 2, i), ("experts", "embed", None, "mlp"), dtype)
+        self.experts_down = param(rngs, (e, i, h), ("experts", "mlp", "embed"), dtype)
+        self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, dtype, rngs)
+        self.shared_expert_gate = param(rngs, (h, 1), ("embed", None), dtype)
+        self.top_k = cfg.num_experts_per_tok
+        self.backend = cfg.moe_backend
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, seq, H] -> [batch, seq, H]."""
+        tokens = x.reshape(-1, x.shape[-1])
+        weights, ids = route(tokens @ self.router[...], self.top_k)
+        routed = moe_experts(tokens, weights, ids, self.experts_gate_up[...], self.experts_down[...],
+                             self.backend)
+        shared = self.shared_expert(tokens) * jax.nn.sigmoid(tokens @ self.shared_expert_gate[...])
+        return (routed + shared).reshape(x.shape)

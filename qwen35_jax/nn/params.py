@@ -1,0 +1,28 @@
+"""Parameter creation with HF's initialisers and logical axis names (mapped to mesh axes by sharding.py)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
+          init: str = "normal") -> nnx.Param:
+    """An `nnx.Param` of `shape` carrying logical `axes` (one name or None per dimension).
+
+    init: "normal" (N(0, 0.02), HF's Linear/Embedding/expert init), "zeros", "ones", or "a_log"
+    (log U(0.01, 16), Gated DeltaNet's A_log).
+    """
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "a_log":
+        value = jnp.log(jax.random.uniform(rngs.params(), shape, jnp.float32, 0.01, 16.0))
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), sharding_names=axes, eager_sharding=False)

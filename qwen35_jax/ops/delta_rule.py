@@ -1,0 +1,96 @@
+"""The gated delta rule (Gated DeltaNet's recurrence) in three forms, all float32.
+
+Per value head, with state S [dk, dv]:
+    S_t = exp(g_t) * S_{t-1} + k_t (beta_t * (v_t - (exp(g_t) * S_{t-1})^T k_t))^T,    o_t = S_t^T q_t.
+Inputs use the layout q, k: [batch, seq, heads, dk]; v: [batch, seq, heads, dv]; g (log-decay, <= 0) and
+beta: [batch, seq, heads]; state: [batch, heads, dk, dv]. q and k arrive already L2-normalised and q
+already scaled; the functions compute in float32 and return float32 outputs [batch, seq, heads, dv].
+"""
+
+import jax
+import jax.numpy as jnp
+
+CHUNK_SIZE = 64
+
+
+def gated_delta_step(state, q, k, v, g, beta):
+    """One token. state [B, H, dk, dv]; q, k [B, H, dk]; v [B, H, dv]; g, beta [B, H].
+
+    Returns (out [B, H, dv], new state [B, H, dk, dv]), float32.
+    """
+    f32 = jnp.float32
+    q, k, v, g, beta = (t.astype(f32) for t in (q, k, v, g, beta))
+    state = state.astype(f32) * jnp.exp(g)[..., None, None]
+    remembered = jnp.einsum("bhkv,bhk->bhv", state, k)
+    delta = (v - remembered) * beta[..., None]
+    state = state + k[..., :, None] * delta[..., None, :]
+    return jnp.einsum("bhkv,bhk->bhv", state, q), state
+
+
+def _zero_state(q, v):
+    b, _, h, dk = q.shape
+    return jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None):
+    """Token-by-token `lax.scan` over the sequence (the test oracle). Returns (out, final_state)."""
+    state = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
+    time_major = [jnp.moveaxis(t, 1, 0) for t in (q, k, v, g, beta)]
+
+    def step(s, inputs):
+        out, s = gated_delta_step(s, *inputs)
+        return s, out
+
+    state, out = jax.lax.scan(step, state, time_major)
+    return jnp.moveaxis(out, 0, 1), state
+
+
+def _to_chunks(x, n_chunks, chunk):
+    """[B, L, H, ...] float32, right-padded with zeros to n_chunks*chunk -> [B, H, N, C, ...]."""
+    pad = n_chunks * chunk - x.shape[1]
+    x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = jnp.moveaxis(x, 2, 1)
+    return x.reshape(x.shape[0], x.shape[1], n_chunks, chunk, *x.shape[3:])
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size=CHUNK_SIZE):
+    """Chunkwise-parallel form (UT transform per chunk, `lax.scan` over chunks). Returns (out, final_state).
+
+    Within a chunk, with gamma = cumsum(g) and Gamma[i, j] = exp(gamma_i - gamma_j) (j <= i):
+    M = I + strict_lower((k*beta) k^T * Gamma); U = M^-1 (v*beta); W = M^-1 (k*beta*exp(gamma)).
+    Across chunks: V' = U - W S; O = (q*exp(gamma)) S + tril(q k^T * Gamma) V'; S <- exp(gamma_C) S + k~^T V'.
+    Zero padding to a multiple of the chunk size changes neither outputs nor the final state.
+    """
+    b, seq, heads, _ = q.shape
+    chunk = chunk_size
+    n_chunks = max(1, -(-seq // chunk))
+    q, k, v, g, beta = (_to_chunks(t, n_chunks, chunk) for t in (q, k, v, g, beta))
+    gamma = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+    lower = jnp.tril(jnp.ones((chunk, chunk), bool))
+    decay = jnp.exp(jnp.where(lower, gamma[..., :, None] - gamma[..., None, :], -jnp.inf))
+    k_beta = k * beta[..., None]
+    strict = jnp.einsum("...id,...jd->...ij", k_beta, k) * decay * (1.0 - jnp.eye(chunk))
+    unit_lower = strict + jnp.eye(chunk)
+    rhs = jnp.concatenate([v * beta[..., None], k_beta * jnp.exp(gamma)[..., None]], axis=-1)
+    solved = jax.scipy.linalg.solve_triangular(unit_lower, rhs, lower=True, unit_diagonal=True)
+    dv = v.shape[-1]
+    new_values, decayed_keys = solved[..., :dv], solved[..., dv:]
+    intra = jnp.einsum("...id,...jd->...ij", q, k) * decay
+    q_decayed = q * jnp.exp(gamma)[..., None]
+    gamma_last = gamma[..., -1]
+    k_decayed = k * jnp.exp(gamma_last[..., None] - gamma)[..., None]
+    chunk_decay = jnp.exp(gamma_last)
+
+    def step(state, xs):
+        u, w, qd, kd, p, lam = xs
+        v_new = u - w @ state
+        out = qd @ state + p @ v_new
+        state = lam[..., None, None] * state + jnp.swapaxes(kd, -1, -2) @ v_new
+        return state, out
+
+    state = jnp.zeros((b, heads, q.shape[-1], v.shape[-1]), jnp.float32) if initial_state is None \
+        else initial_state.astype(jnp.float32)
+    xs = [jnp.moveaxis(t, 2, 0) for t in (new_values, decayed_keys, q_decayed, k_decayed, intra, chunk_decay)]
+    state, out = jax.lax.scan(step, state, xs)  # out: [N, B, H, C, dv]
+    out = jnp.moveaxis(out, 0, 2).reshape(b, heads, n_chunks * chunk, dv)[:, :, :seq]
+    return jnp.moveaxis(out, 1, 2), state

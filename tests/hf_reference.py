@@ -1,0 +1,59 @@
+"""Tiny random HF transformers models built in-process: the numerical reference for parity tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig,  # noqa: E402
+                          Qwen3_5TextConfig)
+
+from qwen35_jax.config import PRESET_DIR  # noqa: E402
+
+
+def hf_text_config(source: str | dict, **overrides):
+    """An HF text config from a preset name / path / dict (architectures and model_type dropped)."""
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source) if Path(source).exists() else PRESET_DIR / f"{source}.json"
+        data = json.loads(path.read_text())
+    data.update(overrides)
+    data.pop("architectures", None)
+    moe = data.pop("model_type", "").startswith("qwen3_5_moe") or "num_experts" in data
+    return (Qwen3_5MoeTextConfig if moe else Qwen3_5TextConfig)(**data)
+
+
+def build_hf_model(source: str | dict, seed: int = 0, dtype=torch.float32, **overrides):
+    """A seeded random HF causal LM in eval mode. Norm weights and A_log/dt_bias are randomised too, so
+    that a wrong (1 + w) or a dropped bias shows in the logits."""
+    cfg = hf_text_config(source, **overrides)
+    torch.manual_seed(seed)
+    cls = Qwen3_5MoeForCausalLM if getattr(cfg, "num_experts", 0) else Qwen3_5ForCausalLM
+    model = cls(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("dt_bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf_model(model, folder: Path, max_shard_size: str | None = None) -> Path:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq), dtype=np.int32)
