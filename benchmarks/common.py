@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from hf_reference import build_hf_model, save_hf_model  # noqa: E402
+from qwen35_jax.hf_reference import build_hf_model, save_hf_model  # noqa: E402
 
 
 def same_weights(config: str, seed: int = 0):

@@ -1,4 +1,7 @@
-"""Tiny random HF transformers models built in-process: the numerical reference for parity tests."""
+"""HF transformers as the numerical reference: seeded random models built in-process, logits.
+
+Needs the `[test]` extra (torch, transformers); imported only by compare_hf, tests and benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from transformers import (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeT
                           Qwen3_5TextConfig)
 
 from qwen35_jax.config import PRESET_DIR  # noqa: E402
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def hf_text_config(source: str | dict, **overrides):
@@ -50,7 +55,18 @@ def save_hf_model(model, folder: Path, max_shard_size: str | None = None) -> Pat
     return folder
 
 
+def load_hf_model(folder: str | Path, dtype: str = "float32"):
+    """An HF checkpoint folder as a transformers causal LM (text tower only) in eval mode."""
+    data = json.loads((Path(folder) / "config.json").read_text())
+    cfg = hf_text_config(data.get("text_config", data))
+    if "text_config" in data and "tie_word_embeddings" in data:
+        cfg.tie_word_embeddings = data["tie_word_embeddings"]
+    cls = Qwen3_5MoeForCausalLM if getattr(cfg, "num_experts", 0) else Qwen3_5ForCausalLM
+    return cls.from_pretrained(folder, config=cfg, dtype=TORCH_DTYPES[dtype]).eval()
+
+
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """tokens: int [B, L] -> float32 logits [B, L, vocab]."""
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 

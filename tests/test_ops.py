@@ -1,0 +1,133 @@
+"""Pure ops against independent references: the token-by-token oracle, numpy, hand-computed values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen35_jax.ops.attention import attention, causal_mask
+from qwen35_jax.ops.conv import causal_conv1d
+from qwen35_jax.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent, gated_delta_step
+from qwen35_jax.ops.moe import moe_experts, route
+from qwen35_jax.ops.norm import l2_normalize
+from qwen35_jax.ops.rope import mrope_axis_of_slot
+
+
+def delta_inputs(b, seq, h, dk, dv, max_decay, seed=0):
+    r = np.random.default_rng(seed)
+    q = l2_normalize(jnp.asarray(r.normal(size=(b, seq, h, dk)), jnp.float32)) * dk**-0.5
+    k = l2_normalize(jnp.asarray(r.normal(size=(b, seq, h, dk)), jnp.float32))
+    v = jnp.asarray(r.normal(size=(b, seq, h, dv)), jnp.float32)
+    g = -jnp.asarray(r.uniform(0, max_decay, size=(b, seq, h)), jnp.float32)
+    beta = jnp.asarray(r.uniform(size=(b, seq, h)), jnp.float32)
+    state = jnp.asarray(r.normal(size=(b, h, dk, dv)), jnp.float32)
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("seq", [1, 5, 63, 64, 65, 150, 200])
+@pytest.mark.parametrize("max_decay", [0.1, 20.0])  # 20: exp(g) down to 2e-9, the strong-decay regime
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_delta_rule_equals_oracle(seq, max_decay, with_state):
+    q, k, v, g, beta, state = delta_inputs(2, seq, 3, 16, 8, max_decay, seed=seq)
+    init = state if with_state else None
+    out_ref, state_ref = gated_delta_rule_recurrent(q, k, v, g, beta, init)
+    out, final = jax.jit(gated_delta_rule_chunked)(q, k, v, g, beta, init)
+    assert out.shape == (2, seq, 3, 8) and final.shape == (2, 3, 16, 8)
+    np.testing.assert_allclose(out, out_ref, atol=2e-5)
+    np.testing.assert_allclose(final, state_ref, atol=2e-5)
+
+
+def test_delta_rule_continues_from_carried_state():
+    """Running A then B from A's final state equals running A+B; also for a smaller chunk size."""
+    q, k, v, g, beta, _ = delta_inputs(1, 100, 2, 8, 8, 2.0)
+    out_all, state_all = gated_delta_rule_chunked(q, k, v, g, beta)
+    first = [t[:, :70] for t in (q, k, v, g, beta)]
+    second = [t[:, 70:] for t in (q, k, v, g, beta)]
+    out_a, state_a = gated_delta_rule_chunked(*first, chunk_size=16)
+    out_b, state_b = gated_delta_rule_chunked(*second, initial_state=state_a)
+    np.testing.assert_allclose(jnp.concatenate([out_a, out_b], 1), out_all, atol=2e-5)
+    np.testing.assert_allclose(state_b, state_all, atol=2e-5)
+
+
+def test_delta_step_hand_computed():
+    """One step from a zero state: S = beta * k v^T, o = S^T q = beta * (k.q) v."""
+    q, k = jnp.array([[[1.0, 0.0]]]), jnp.array([[[0.6, 0.8]]])
+    v, g, beta = jnp.array([[[2.0, -1.0, 0.5]]]), jnp.array([[-0.3]]), jnp.array([[0.5]])
+    out, state = gated_delta_step(jnp.zeros((1, 1, 2, 3)), q, k, v, g, beta)
+    np.testing.assert_allclose(state[0, 0], 0.5 * np.outer([0.6, 0.8], [2.0, -1.0, 0.5]), atol=1e-7)
+    np.testing.assert_allclose(out[0, 0], 0.5 * 0.6 * np.array([2.0, -1.0, 0.5]), atol=1e-7)
+
+
+def test_causal_conv_matches_numpy_and_carries_state():
+    r = np.random.default_rng(0)
+    x = r.normal(size=(2, 11, 3, 5)).astype(np.float32)
+    w = r.normal(size=(4, 3, 5)).astype(np.float32)
+    padded = np.concatenate([np.zeros((2, 3, 3, 5), np.float32), x], axis=1)
+    ref = sum(w[j] * padded[:, j:j + 11] for j in range(4))
+    y, state = causal_conv1d(jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(y, ref, atol=1e-5)
+    np.testing.assert_array_equal(state, x[:, -3:])
+    y1, s1 = causal_conv1d(jnp.asarray(x[:, :6]), jnp.asarray(w))
+    y2, _ = causal_conv1d(jnp.asarray(x[:, 6:]), jnp.asarray(w), s1)
+    np.testing.assert_allclose(np.concatenate([y1, y2], 1), ref, atol=1e-5)
+
+
+def test_mrope_slot_layout_of_released_models():
+    """[11, 11, 10] over 32 slots: T = {0, 3, ..., 30}, H = {1, 4, ..., 31}, W = {2, 5, ..., 29} (the spec)."""
+    axis = mrope_axis_of_slot(64, (11, 11, 10))
+    assert set(np.flatnonzero(axis == 0)) == set(range(0, 31, 3))
+    assert set(np.flatnonzero(axis == 1)) == set(range(1, 32, 3))
+    assert set(np.flatnonzero(axis == 2)) == set(range(2, 30, 3))
+
+
+def test_attention_matches_numpy_gqa():
+    r = np.random.default_rng(0)
+    q = r.normal(size=(2, 7, 4, 8)).astype(np.float32)
+    k = r.normal(size=(2, 7, 2, 8)).astype(np.float32)
+    v = r.normal(size=(2, 7, 2, 8)).astype(np.float32)
+    got = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal_mask(7)[None])
+    kk, vv = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head h uses kv head h // 2
+    s = np.einsum("blhd,bshd->bhls", q, kk) / np.sqrt(8)
+    s = np.where(np.tril(np.ones((7, 7), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.einsum("bhls,bshd->blhd", p, vv), atol=1e-5)
+
+
+def moe_reference(x, weights, ids, w_gate_up, w_down):
+    """Naive per-(token, slot) gather of the expert weights."""
+    h = np.einsum("th,tkhgi->tkgi", x, w_gate_up[ids])
+    act = h[..., 0, :] / (1 + np.exp(-h[..., 0, :])) * h[..., 1, :]
+    return np.einsum("tk,tki,tkih->th", weights, act, w_down[ids])
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 8, 2), (37, 8, 2), (300, 16, 4), (64, 4, 4)])
+def test_moe_backends_match_reference(tokens, experts, top_k):
+    r = np.random.default_rng(tokens)
+    x = r.normal(size=(tokens, 32)).astype(np.float32)
+    logits = (r.normal(size=(tokens, experts)) + np.linspace(0, 3, experts)).astype(np.float32)  # imbalanced
+    w1 = (0.1 * r.normal(size=(experts, 32, 2, 24))).astype(np.float32)
+    w2 = (0.1 * r.normal(size=(experts, 24, 32))).astype(np.float32)
+    weights, ids = route(jnp.asarray(logits), top_k)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top = np.sort(p, -1)[:, ::-1][:, :top_k]
+    np.testing.assert_allclose(weights, top / top.sum(-1, keepdims=True), atol=1e-6)
+    ref = moe_reference(x, np.asarray(weights), np.asarray(ids), w1, w2)
+    for backend in ("blocked", "ragged"):
+        got = jax.jit(moe_experts, static_argnames="backend")(x, weights, ids, w1, w2, backend=backend)
+        np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=backend)
+
+
+def test_moe_blocked_gradients_match_ragged():
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.normal(size=(50, 16)), jnp.float32)
+    w1 = jnp.asarray(0.1 * r.normal(size=(6, 16, 2, 8)), jnp.float32)
+    w2 = jnp.asarray(0.1 * r.normal(size=(6, 8, 16)), jnp.float32)
+    weights, ids = route(jnp.asarray(r.normal(size=(50, 6)), jnp.float32), 2)
+
+    def loss(backend):
+        return lambda x, w1, w2, wt: jnp.sum(jnp.sin(moe_experts(x, wt, ids, w1, w2, backend)))
+    grads = {b: jax.grad(loss(b), argnums=(0, 1, 2, 3))(x, w1, w2, weights) for b in ("blocked", "ragged")}
+    for a, b in zip(grads["blocked"], grads["ragged"]):
+        np.testing.assert_allclose(a, b, atol=2e-5)
