@@ -22,7 +22,7 @@ def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, dict]:
 
 
 def layer_shape(variable, rule: Rule) -> tuple[int, ...]:
-    shape = tuple(variable.value.shape)
+    shape = tuple(variable.get_value().shape)
     return shape[1:] if rule.period is not None else shape
 
 
@@ -59,7 +59,7 @@ def load_hf(path: str | Path, dtype=jnp.float32, cfg: ModelConfig | None = None)
     rules = checkpoint_rules(cfg, prefix, fused)
     graphdef, state, variables = abstract_model(cfg, dtype)
     check_tensors(folder, rules, variables)
-    arrays = {p: np.empty(v.value.shape, v.value.dtype) for p, v in variables.items()}
+    arrays = {p: np.empty(v.get_value().shape, v.get_value().dtype) for p, v in variables.items()}
     for rule in rules:
         values = rule.to_ours(*(folder.get(n) for n in rule.hf))
         for p, value in zip(rule.ours, values):
@@ -68,5 +68,5 @@ def load_hf(path: str | Path, dtype=jnp.float32, cfg: ModelConfig | None = None)
     unfilled = sorted(set(variables) - {p for r in rules for p in r.ours})
     assert not unfilled, f"name table misses parameters {unfilled}"
     for p, v in variables.items():
-        v.value = jnp.asarray(arrays.pop(p))
+        v.set_value(jnp.asarray(arrays.pop(p)))
     return nnx.merge(graphdef, state)

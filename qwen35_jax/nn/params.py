@@ -25,4 +25,4 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
         value = jnp.log(jax.random.uniform(rngs.params(), shape, jnp.float32, 0.01, 16.0))
     else:
         raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value.astype(dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
