@@ -1,0 +1,130 @@
+"""Tokenizers built in-process (byte-level BPE and SentencePiece) and the chat template against HF."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Qwen3.5 mixes Gated DeltaNet and attention.",
+          "Ünïcödé text: naïve café, 東京, emoji 🚀 and 12345 digits.", "def f(x):\n    return x + 1\n"] * 20
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# A ChatML template in the style of Qwen3.5's (system, tools, reasoning kept after the last user turn,
+# thinking switch in the generation prompt).
+TEMPLATE = """{%- if tools %}<|im_start|>system
+# Tools
+<tools>{% for t in tools %}
+{{ t | tojson }}{% endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
+{%- for m in messages %}
+{%- if m.role == 'assistant' %}
+<|im_start|>assistant
+{% if m.reasoning_content and loop.index0 > ns.last_user %}<think>
+{{ m.reasoning_content }}
+</think>
+
+{% endif %}{{ m.content }}<|im_end|>
+{% else %}
+<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% else %}<think>
+{% endif %}{% endif %}"""
+
+
+@pytest.fixture(scope="module")
+def bpe_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bpe")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": TEMPLATE}))
+    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sp_folder(tmp_path_factory):
+    import sentencepiece as spm
+    folder = tmp_path_factory.mktemp("sp")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(folder / "tok"),
+                                   vocab_size=320, character_coverage=1.0, byte_fallback=True,
+                                   user_defined_symbols=SPECIAL[1:], minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=False)
+    return folder
+
+
+TEXTS = ["The lazy fox", "naïve café 東京 🚀", "  spaces\tand\nnewlines ", "<|im_start|>user\nhi<|im_end|>"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_round_trip(kind, bpe_folder, sp_folder):
+    tok = Tokenizer.load(bpe_folder if kind == "bpe" else sp_folder)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids and tok.decode(ids) == text
+    assert tok.encode("<|im_start|>") == [tok.token_id("<|im_start|>")]
+
+
+def test_bpe_matches_hf_tokenizer(bpe_folder):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(bpe_folder))
+    tok = Tokenizer.load(bpe_folder)
+    for text in TEXTS:
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert tok.eos_token_ids == (tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>"))
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_chat_template_matches_hf(bpe_folder, enable_thinking):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(bpe_folder))
+    tok = Tokenizer.load(bpe_folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "add"},
+                {"role": "user", "content": "and 3+3?"}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"a": "ñ"}}}]
+    for kwargs in ({}, {"tools": tools}):
+        ours = tok.apply_chat_template(messages, enable_thinking=enable_thinking, **kwargs)
+        theirs = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                        enable_thinking=enable_thinking, **kwargs)
+        assert ours == theirs
+    assert ours.endswith("<think>\n" if enable_thinking else "<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_streaming_never_splits_characters(kind, bpe_folder, sp_folder):
+    tok = Tokenizer.load(bpe_folder if kind == "bpe" else sp_folder)
+    text = "naïve café 東京 🚀 done"
+    decoder = IncrementalDecoder(tok)
+    deltas = [decoder.push(i) for i in tok.encode(text)] + [decoder.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_missing_tokenizer_files(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json and no SentencePiece"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="tokenizer.json: cannot be read"):
+        Tokenizer.load(tmp_path)
