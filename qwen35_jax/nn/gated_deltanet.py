@@ -61,10 +61,10 @@ class GatedDeltaNet(nnx.Module):
         a = (x @ self.in_proj_a[...]).astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a + self.dt_bias[...].astype(jnp.float32))
+        q = l2_normalize(q.astype(jnp.float32)) * q.shape[-1] ** -0.5  # per key head, then shared
+        k = l2_normalize(k.astype(jnp.float32))
         q = jnp.repeat(q, self.heads_per_key, axis=2)
         k = jnp.repeat(k, self.heads_per_key, axis=2)
-        q = l2_normalize(q.astype(jnp.float32)) * q.shape[-1] ** -0.5
-        k = l2_normalize(k.astype(jnp.float32))
         out, recurrent = core(q, k, v, g, beta, state.get("recurrent"))
         out = self.norm(out.astype(x.dtype), z)
         new_state = {"conv_q": conv_q, "conv_k": conv_k, "conv_v": conv_v, "recurrent": recurrent}

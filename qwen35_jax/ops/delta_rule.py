@@ -53,6 +53,25 @@ def _to_chunks(x, n_chunks, chunk):
     return x.reshape(x.shape[0], x.shape[1], n_chunks, chunk, *x.shape[3:])
 
 
+def _unit_lower_inverse(a, base=16):
+    """(I + a)^-1 for strictly lower-triangular a: [..., n, n] (n = base * 2^k), by batched matmuls.
+
+    Forward substitution on base x base diagonal blocks, merged pairwise: [[T1, 0], [-T2 A21 T1, T2]].
+    """
+    n = a.shape[-1]
+    if n <= base or n % 2:
+        t = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape)
+        for i in range(1, n):  # row i = e_i - a[i, :i] T[:i]
+            t = t.at[..., i, :].add(-jnp.einsum("...j,...jk->...k", a[..., i, :i], t[..., :i, :]))
+        return t
+    h = n // 2
+    inv = _unit_lower_inverse(jnp.stack([a[..., :h, :h], a[..., h:, h:]]), base)
+    t11, t22 = inv[0], inv[1]
+    t21 = -(t22 @ a[..., h:, :h]) @ t11
+    top = jnp.concatenate([t11, jnp.zeros_like(t11)], -1)
+    return jnp.concatenate([top, jnp.concatenate([t21, t22], -1)], -2)
+
+
 def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size=CHUNK_SIZE):
     """Chunkwise-parallel form (UT transform per chunk, `lax.scan` over chunks). Returns (out, final_state).
 
@@ -70,9 +89,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size=CH
     decay = jnp.exp(jnp.where(lower, gamma[..., :, None] - gamma[..., None, :], -jnp.inf))
     k_beta = k * beta[..., None]
     strict = jnp.einsum("...id,...jd->...ij", k_beta, k) * decay * (1.0 - jnp.eye(chunk))
-    unit_lower = strict + jnp.eye(chunk)
     rhs = jnp.concatenate([v * beta[..., None], k_beta * jnp.exp(gamma)[..., None]], axis=-1)
-    solved = jax.scipy.linalg.solve_triangular(unit_lower, rhs, lower=True, unit_diagonal=True)
+    solved = _unit_lower_inverse(strict) @ rhs
     dv = v.shape[-1]
     new_values, decayed_keys = solved[..., :dv], solved[..., dv:]
     intra = jnp.einsum("...id,...jd->...ij", q, k) * decay
