@@ -7,6 +7,7 @@ import torch
 
 from qwen35_jax import ModelConfig
 from qwen35_jax.checkpoint.hf_loader import load_hf
+from qwen35_jax.nn.decoder import Context
 from qwen35_jax.ops.attention import causal_mask
 
 TOL = 1e-5
@@ -63,7 +64,8 @@ def test_gated_attention_layer_with_mrope_positions(pair):
     ref = run_hf(hf.model.layers[3].self_attn, x, position_embeddings=(cos_hf, sin_hf), attention_mask=None)
     cos, sin = ours.rope(jnp.asarray(positions))
     assert np.abs(np.asarray(cos) - cos_hf.numpy()).max() <= 1e-6
-    got = ours.decoder.periods.layers[3].self_attn(x, cos, sin, causal_mask(seq)[None])
+    got, cache = ours.decoder.periods.layers[3].self_attn(x, Context(cos, sin, causal_mask(seq)[None]))
+    assert cache is None
     assert np.abs(np.asarray(got) - ref).max() <= TOL
 
 

@@ -27,17 +27,23 @@ class GatedAttention(nnx.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
         self.head_dim = d
 
-    def project_kv(self, x, cos, sin):
-        """x: [B, L, H] -> keys (normed, rotated) and values, each [B, L, kv_heads, D]."""
-        k = self.k_norm(jnp.einsum("blh,hnd->blnd", x, self.k_proj[...]))
-        v = jnp.einsum("blh,hnd->blnd", x, self.v_proj[...])
-        return apply_rope(k, cos, sin), v
+    def __call__(self, x: jax.Array, ctx, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """x: [B, L, H]; ctx: the layer Context (cos/sin [B, L, rot], mask [B|1, L, S], starts [B]).
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, L, H]; cos, sin: [B, L, rotary_dim]; mask: bool broadcastable to [B, L, L]."""
+        Without a cache, keys are this call's own (S = L). With cache {"k", "v": [B, S, kv_heads, D]},
+        the new keys/values are written at positions starts[b] + t and queries attend over the cache.
+        Returns ([B, L, H], new cache or None).
+        """
         qg = jnp.einsum("blh,hnd->blnd", x, self.q_proj[...])
         q, gate = qg[..., :self.head_dim], qg[..., self.head_dim:]
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k, v = self.project_kv(x, cos, sin)
-        out = attention(q, k, v, mask) * jax.nn.sigmoid(gate)
-        return jnp.einsum("blnd,ndh->blh", out, self.o_proj[...])
+        q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)
+        k = apply_rope(self.k_norm(jnp.einsum("blh,hnd->blnd", x, self.k_proj[...])), ctx.cos, ctx.sin)
+        v = jnp.einsum("blh,hnd->blnd", x, self.v_proj[...])
+        if cache is not None:
+            rows = jnp.arange(x.shape[0])[:, None]
+            cols = ctx.starts[:, None] + jnp.arange(x.shape[1])[None, :]
+            cache = {"k": cache["k"].at[rows, cols].set(k.astype(cache["k"].dtype), mode="drop"),
+                     "v": cache["v"].at[rows, cols].set(v.astype(cache["v"].dtype), mode="drop")}
+            k, v = cache["k"], cache["v"]
+        out = attention(q, k, v, ctx.mask) * jax.nn.sigmoid(gate)
+        return jnp.einsum("blnd,ndh->blh", out, self.o_proj[...]), cache

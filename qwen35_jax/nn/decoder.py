@@ -1,5 +1,9 @@
 """Decoder layers, grouped into the repeating period that the model scans over."""
 
+from __future__ import annotations
+
+from typing import NamedTuple
+
 import jax
 from flax import nnx
 
@@ -9,6 +13,16 @@ from qwen35_jax.nn.gated_deltanet import GatedDeltaNet
 from qwen35_jax.nn.mlp import MLP
 from qwen35_jax.nn.moe import SparseMoe
 from qwen35_jax.nn.norms import RMSNorm
+
+
+class Context(NamedTuple):
+    """What every layer of one forward call shares."""
+
+    cos: jax.Array                  # [B, L, rotary_dim] float32
+    sin: jax.Array                  # [B, L, rotary_dim] float32
+    mask: jax.Array                 # bool [B or 1, L, S]: query t may see key s
+    starts: jax.Array | None = None   # int [B]: tokens already in the decode state (None: no state)
+    n_valid: jax.Array | None = None  # int [B]: real tokens of this call per row (rest: right padding)
 
 
 class DecoderLayer(nnx.Module):
@@ -27,15 +41,16 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, L, H] -> [B, L, H]."""
+    def __call__(self, x: jax.Array, ctx: Context, state: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """x: [B, L, H] -> ([B, L, H], the layer's new decode state or None)."""
         h = self.input_layernorm(x)
         if self.layer_type == "full_attention":
-            h = self.self_attn(h, cos, sin, mask)
+            h, state = self.self_attn(h, ctx, state)
         else:
-            h, _ = self.linear_attn(h)
+            h, new_state = self.linear_attn(h, state, ctx.n_valid)
+            state = new_state if state is not None else None
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x)), state
 
 
 class DecoderPeriod(nnx.Module):
@@ -44,10 +59,13 @@ class DecoderPeriod(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, t, dtype, rngs) for t in cfg.period])
 
-    def __call__(self, x, cos, sin, mask):
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return x
+    def __call__(self, x, ctx: Context, states: list | None = None):
+        """states: one decode state per layer of the period, or None. Returns (x, new states or None)."""
+        new_states = []
+        for j, layer in enumerate(self.layers):
+            x, state = layer(x, ctx, None if states is None else states[j])
+            new_states.append(state)
+        return x, (None if states is None else new_states)
 
 
 REMAT_POLICIES = {
@@ -76,18 +94,24 @@ class Decoder(nnx.Module):
 
         self.periods = create(rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, L, H]; cos, sin: [B, L, rotary_dim]; mask: bool [B or 1, L, L]."""
-        def run(period, x):
-            return period(x, cos, sin, mask)
+    def __call__(self, x: jax.Array, ctx: Context, states: list | None = None):
+        """x: [B, L, H]; states: the decode state's "layers" (stacked per period) or None.
+
+        Returns (x, new states or None)."""
+        def run(period, x, states):
+            return period(x, ctx, states)
 
         if self.remat != "none":
             run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
         if self.num_periods == 1:
-            return run(self.periods, x)
+            return run(self.periods, x, states)
+        if states is None:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def scan_plain(period, x):
+                return run(period, x, None)[0]
+            return scan_plain(self.periods, x), None
 
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-        def scan(period, x):
-            return run(period, x)
-
-        return scan(self.periods, x)
+        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        def scan_with_state(period, x, states):
+            return run(period, x, states)
+        return scan_with_state(self.periods, x, states)

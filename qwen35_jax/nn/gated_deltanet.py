@@ -8,7 +8,7 @@ from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.norms import GatedRMSNorm
 from qwen35_jax.nn.params import param
 from qwen35_jax.ops.conv import causal_conv1d
-from qwen35_jax.ops.delta_rule import gated_delta_rule_chunked
+from qwen35_jax.ops.delta_rule import gated_delta_rule_chunked, gated_delta_step
 from qwen35_jax.ops.norm import l2_normalize
 
 
@@ -40,32 +40,41 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = param(rngs, (nv, dv, h), ("heads", "head_dim", "embed"), dtype)
         self.heads_per_key = nv // nk
 
-    def _conv_silu(self, x, proj, conv, state):
+    def _conv_silu(self, x, proj, conv, state, n_valid):
         """x @ proj, then causal conv + SiLU. Returns ([B, L, heads, d] in x's dtype, new conv state)."""
-        y, state = causal_conv1d(jnp.einsum("blh,hnd->blnd", x, proj[...]), conv[...], state)
+        y, state = causal_conv1d(jnp.einsum("blh,hnd->blnd", x, proj[...]), conv[...], state, n_valid)
         return jax.nn.silu(y.astype(jnp.float32)).astype(x.dtype), state
 
-    def __call__(self, x: jax.Array, state: dict | None = None, core=gated_delta_rule_chunked
+    def __call__(self, x: jax.Array, state: dict | None = None, n_valid: jax.Array | None = None
                  ) -> tuple[jax.Array, dict]:
         """x: [B, L, H] -> ([B, L, H], new state).
 
         state: None (start from zeros) or {"conv_q", "conv_k", "conv_v": [B, K-1, heads, d] (x's dtype),
-        "recurrent": [B, heads, dk, dv] float32}; `core` is one of the delta-rule functions.
+        "recurrent": [B, heads, dk, dv] float32}. n_valid: int [B], real tokens per row (right padding
+        after them gets beta = 0 and g = 0, so it leaves the recurrent state as it was). A single token
+        (L == 1) takes the one-step recurrence, longer inputs the chunked form.
         """
         state = state or {}
-        q, conv_q = self._conv_silu(x, self.in_proj_q, self.conv_q, state.get("conv_q"))
-        k, conv_k = self._conv_silu(x, self.in_proj_k, self.conv_k, state.get("conv_k"))
-        v, conv_v = self._conv_silu(x, self.in_proj_v, self.conv_v, state.get("conv_v"))
+        q, conv_q = self._conv_silu(x, self.in_proj_q, self.conv_q, state.get("conv_q"), n_valid)
+        k, conv_k = self._conv_silu(x, self.in_proj_k, self.conv_k, state.get("conv_k"), n_valid)
+        v, conv_v = self._conv_silu(x, self.in_proj_v, self.conv_v, state.get("conv_v"), n_valid)
         z = jnp.einsum("blh,hnd->blnd", x, self.in_proj_z[...])
         beta = jax.nn.sigmoid(x @ self.in_proj_b[...])
         a = (x @ self.in_proj_a[...]).astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a + self.dt_bias[...].astype(jnp.float32))
+        if n_valid is not None:
+            valid = (jnp.arange(x.shape[1])[None, :] < n_valid[:, None])[..., None]
+            beta, g = jnp.where(valid, beta, 0), jnp.where(valid, g, 0.0)
         q = l2_normalize(q.astype(jnp.float32)) * q.shape[-1] ** -0.5  # per key head, then shared
         k = l2_normalize(k.astype(jnp.float32))
         q = jnp.repeat(q, self.heads_per_key, axis=2)
         k = jnp.repeat(k, self.heads_per_key, axis=2)
-        out, recurrent = core(q, k, v, g, beta, state.get("recurrent"))
+        if x.shape[1] == 1 and "recurrent" in state:
+            out, recurrent = gated_delta_step(state["recurrent"], q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
+            out = out[:, None]
+        else:
+            out, recurrent = gated_delta_rule_chunked(q, k, v, g, beta, state.get("recurrent"))
         out = self.norm(out.astype(x.dtype), z)
         new_state = {"conv_q": conv_q, "conv_k": conv_k, "conv_v": conv_v, "recurrent": recurrent}
         return jnp.einsum("blnd,ndh->blh", out, self.out_proj[...]), new_state

@@ -5,11 +5,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen35_jax.config import ModelConfig
-from qwen35_jax.nn.decoder import Decoder
+from qwen35_jax.nn.decoder import Context, Decoder
 from qwen35_jax.nn.norms import RMSNorm
 from qwen35_jax.nn.params import param
 from qwen35_jax.ops.attention import causal_mask
 from qwen35_jax.ops.rope import rope_cos_sin
+
+
+def state_max_len(state: dict) -> int:
+    """The decode state's capacity: its KV cache length (1 if no layer attends; GDN state has no limit)."""
+    return next((layer["k"].shape[-3] for layer in state["layers"] if "k" in layer), 1)
 
 
 class Qwen35(nnx.Module):
@@ -31,14 +36,35 @@ class Qwen35(nnx.Module):
         return rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.mrope_section)
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """input_ids: int [B, L] -> final-normed hidden states [B, L, H]."""
+        """input_ids: int [B, L] -> final-normed hidden states [B, L, H] (no decode state)."""
         batch, seq = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         cos, sin = self.rope(positions)
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
-        x = self.decoder(x, cos, sin, causal_mask(seq)[None])
+        x, _ = self.decoder(self.embed(input_ids), Context(cos, sin, causal_mask(seq)[None]))
         return self.norm(x)
+
+    def forward_with_state(self, input_ids: jax.Array, state: dict, n_valid: jax.Array | None = None
+                           ) -> tuple[jax.Array, dict]:
+        """Continues a decode state (qwen35_jax.cache) with new tokens.
+
+        input_ids: int [B, T], row b holding n_valid[b] real tokens then right padding (n_valid None: all
+        real). Token t of row b sits at position state["lengths"][b] + t. Returns (final-normed hidden
+        states [B, T, H], new state with lengths += n_valid); padding never enters the state.
+        """
+        batch, seq = input_ids.shape
+        starts = state["lengths"]
+        n_valid = jnp.full((batch,), seq, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
+        positions = starts[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+        cos, sin = self.rope(positions)
+        max_len = state_max_len(state)
+        mask = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
+        ctx = Context(cos, sin, mask, starts, n_valid)
+        x, layers = self.decoder(self.embed(input_ids), ctx, state["layers"])
+        return self.norm(x), {"lengths": starts + n_valid, "layers": layers}
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., H] -> [..., vocab]."""

@@ -4,20 +4,26 @@ import jax
 import jax.numpy as jnp
 
 
-def causal_conv1d(x: jax.Array, weight: jax.Array, state: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+def causal_conv1d(x: jax.Array, weight: jax.Array, state: jax.Array | None = None,
+                  n_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Depthwise causal cross-correlation: `y[t] = sum_j w[j] * x[t - (K-1) + j]` per channel.
 
     x: [batch, seq, *channels]; weight: [K, *channels] (w[K-1] multiplies the current token);
-    state: [batch, K-1, *channels], the previous K-1 inputs (zeros when None).
+    state: [batch, K-1, *channels], the previous K-1 inputs (zeros when None);
+    n_valid: int [batch], how many leading positions of each row are real (the rest is right padding).
     Returns y: [batch, seq, *channels] in x's dtype (accumulated in float32) and the new state
-    [batch, K-1, *channels] (the last K-1 inputs, in x's dtype).
+    [batch, K-1, *channels]: the last K-1 real inputs of each row (padding never enters it).
     """
     kernel = weight.shape[0]
-    seq = x.shape[1]
+    batch, seq = x.shape[:2]
     if state is None:
-        state = jnp.zeros((x.shape[0], kernel - 1, *x.shape[2:]), x.dtype)
+        state = jnp.zeros((batch, kernel - 1, *x.shape[2:]), x.dtype)
     padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
     w = weight.astype(jnp.float32)
     y = sum(padded[:, j:j + seq].astype(jnp.float32) * w[j] for j in range(kernel))
-    return y.astype(x.dtype), padded[:, seq:]
+    if n_valid is None:
+        new_state = padded[:, seq:]
+    else:
+        rows = n_valid[:, None] + jnp.arange(kernel - 1)[None, :]  # [batch, K-1] indices into padded
+        new_state = jnp.take_along_axis(padded, rows.reshape(batch, kernel - 1, *([1] * (x.ndim - 2))), axis=1)
+    return y.astype(x.dtype), new_state

@@ -1,0 +1,216 @@
+"""The generation engine: chunked prefill and a jitted, donated decode step over a static decode state.
+
+    engine = Engine.load("path/to/checkpoint", dtype="float32", max_len=4096)
+    results = engine.generate(["Hello", [1, 2, 3]], SamplingParams.greedy(max_new_tokens=32))
+    for event in engine.stream(["Hello"], params): print(event.text, end="")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.sampling import SamplingParams, batch_arrays, sample
+from qwen35_jax.cache import init_decode_state
+from qwen35_jax.loading import load_model
+from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str            # "stop" (EOS, stop token or stop string) or "length"
+    tokens_per_second: float = 0.0
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    index: int                    # which prompt
+    text: str                     # the new text (may be "" while a multi-byte character is incomplete)
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Smallest power of two >= n (at least 16), capped: few prefill shapes, so few compiles."""
+    return min(cap, max(16, 1 << (n - 1).bit_length()))
+
+
+class Engine:
+    def __init__(self, model, tokenizer: Tokenizer | None = None, max_len: int = 4096, prefill_chunk: int = 512):
+        if max_len < 2 or prefill_chunk < 1:
+            raise ValueError(f"max_len={max_len} must be >= 2 and prefill_chunk={prefill_chunk} >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.max_len, self.prefill_chunk = max_len, prefill_chunk
+        self.graphdef, self.params = nnx.split(model)
+        self.decode_traces = 0  # how many times the decode step was traced (compiled)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 3, 4))
+
+    @classmethod
+    def load(cls, path: str | Path, dtype="float32", max_len: int = 4096, mesh=None, prefill_chunk: int = 512,
+             tokenizer: Tokenizer | str | Path | None = None) -> Engine:
+        """Loads a checkpoint folder (and its tokenizer, when the folder has one)."""
+        if mesh is not None:
+            raise NotImplementedError("sharded inference (mesh=...) arrives with the sharding issue")
+        model = load_model(path, dtype=dtype)
+        if tokenizer is None and any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+            tokenizer = Tokenizer.load(path)
+        elif isinstance(tokenizer, (str, Path)):
+            tokenizer = Tokenizer.load(tokenizer)
+        return cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk)
+
+    # ---- jitted steps --------------------------------------------------------------------------
+    def _prefill_fn(self, params, state, tokens, n_valid):
+        """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state)."""
+        model = nnx.merge(self.graphdef, params)
+        hidden, state = model.forward_with_state(tokens, state, n_valid)
+        last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+        return model.logits(last).astype(jnp.float32), state
+
+    def _decode_fn(self, params, state, tokens, counts, seen, n_valid, sampling, step):
+        """One token per row: forward, then sample. tokens [B]; counts, seen [B, V] (donated)."""
+        self.decode_traces += 1
+        model = nnx.merge(self.graphdef, params)
+        hidden, state = model.forward_with_state(tokens[:, None], state, n_valid)
+        logits = model.logits(hidden[:, 0]).astype(jnp.float32)
+        return self._sample_and_count(logits, counts, seen, sampling, step) + (state,)
+
+    @staticmethod
+    def _sample_and_count(logits, counts, seen, sampling, step):
+        token = sample(logits, counts, seen, sampling, step)
+        rows = jnp.arange(token.shape[0])
+        return token, counts.at[rows, token].add(1), seen.at[rows, token].set(True)
+
+    # ---- user API ------------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 state: dict | None = None) -> list[GenerationResult]:
+        """One result per prompt (strings need a tokenizer; token-id lists work without one)."""
+        results = {}
+        for event in self.stream(prompts, params, state=state, _results=results):
+            pass
+        return [results[i] for i in range(len(results))]
+
+    def stream(self, prompts, params=None, state: dict | None = None, _results: dict | None = None
+               ) -> Iterator[StreamEvent]:
+        """Yields StreamEvents as tokens are decoded; text deltas never split a multi-byte character.
+
+        `state`: a decode state from an earlier call (chat turns): the prompts continue it.
+        """
+        prompt_ids = [self._prompt_ids(p) for p in prompts]
+        batch = len(prompt_ids)
+        params = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * batch
+        if len(params) != batch:
+            raise ValueError(f"got {len(params)} SamplingParams for {batch} prompts")
+        if state is None:
+            state = init_decode_state(self.config, batch, self.max_len, self.model.dtype)
+        start_lengths = np.asarray(state["lengths"])
+        for i, ids in enumerate(prompt_ids):
+            if start_lengths[i] + len(ids) >= self.max_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; with {start_lengths[i]} already in the state "
+                                 f"it needs more than max_len={self.max_len} (no room for a new token)")
+        seeds = [p.seed if p.seed is not None else np.random.SeedSequence().entropy % (2**31) for p in params]
+        sampling = batch_arrays(params, seeds)
+        logits, state = self._run_prefill(prompt_ids, state)
+        vocab = self.config.vocab_size
+        seen = np.zeros((batch, vocab), bool)
+        for i, ids in enumerate(prompt_ids):
+            seen[i, ids] = True
+        counts, seen = jnp.zeros((batch, vocab), jnp.int32), jnp.asarray(seen)
+        token, counts, seen = jax.jit(self._sample_and_count)(logits, counts, seen, sampling, 0)
+        yield from self._decode_loop(prompt_ids, params, state, token, counts, seen, sampling, _results)
+
+    def _decode_loop(self, prompt_ids, params, state, token, counts, seen, sampling, results):
+        batch = len(prompt_ids)
+        outputs = [[] for _ in range(batch)]
+        finish = [None] * batch
+        decoders = [IncrementalDecoder(self.tokenizer) if self.tokenizer else None for _ in range(batch)]
+        texts = [""] * batch
+        lengths = np.asarray(state["lengths"]).copy()
+        start = time.perf_counter()
+        for step in range(1, max(p.max_new_tokens for p in params) + 1):
+            token_host = np.asarray(token)
+            for i in range(batch):
+                if finish[i] is None:
+                    event = self._accept(i, int(token_host[i]), params[i], outputs[i], decoders[i], texts,
+                                         lengths[i] + 1 >= self.max_len)
+                    finish[i] = event.finish_reason
+                    yield event
+            if all(f is not None for f in finish):
+                break
+            active = np.array([f is None for f in finish], np.int32)
+            lengths += active
+            token, counts, seen, state = self._decode(self.params, state, token, counts, seen,
+                                                      jnp.asarray(active), sampling, step)
+        elapsed = time.perf_counter() - start
+        if results is not None:
+            for i in range(batch):
+                results[i] = GenerationResult(prompt_ids[i], outputs[i], texts[i], finish[i],
+                                              len(outputs[i]) / max(elapsed, 1e-9))
+        self.last_state = state
+
+    def _accept(self, index, token, params, output, decoder, texts, cache_full) -> StreamEvent:
+        """Appends one sampled token to a row; decides whether the row is finished."""
+        output.append(token)
+        eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
+        reason = "stop" if token in params.stop_token_ids or token in eos else None
+        delta = ""
+        if decoder is not None and reason is None:
+            delta = decoder.push(token)
+            texts[index] += delta
+            for stop in params.stop:
+                cut = texts[index].find(stop)
+                if cut >= 0:
+                    delta = delta[: max(0, len(delta) - (len(texts[index]) - cut))]
+                    texts[index], reason = texts[index][:cut], "stop"
+                    break
+        if reason is None and (len(output) >= params.max_new_tokens or cache_full):
+            reason = "length"
+        if reason is not None and decoder is not None and not params.stop or reason == "length":
+            tail = decoder.flush() if decoder is not None else ""
+            texts[index] += tail
+            delta += tail
+        return StreamEvent(index, delta, token, reason)
+
+    def _run_prefill(self, prompt_ids, state):
+        """Chunked prefill of every row; returns (logits [B, V] after each row's prompt, state)."""
+        batch = len(prompt_ids)
+        longest = max(len(ids) for ids in prompt_ids)
+        chunk = _bucket(longest, self.prefill_chunk)
+        logits = None
+        for offset in range(0, longest, chunk):
+            tokens = np.zeros((batch, chunk), np.int32)
+            n_valid = np.zeros(batch, np.int32)
+            for i, ids in enumerate(prompt_ids):
+                piece = ids[offset:offset + chunk]
+                tokens[i, :len(piece)] = piece
+                n_valid[i] = len(piece)
+            chunk_logits, state = self._prefill(self.params, state, jnp.asarray(tokens), jnp.asarray(n_valid))
+            ends_here = jnp.asarray((n_valid > 0) & (offset + n_valid == np.array([len(p) for p in prompt_ids])))
+            logits = chunk_logits if logits is None else jnp.where(ends_here[:, None], chunk_logits, logits)
+        return logits, state
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: load a folder with tokenizer.json or pass "
+                                 "token-id lists")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt: expected at least one token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        return ids

@@ -1,0 +1,115 @@
+"""Generate text from a checkpoint.
+
+    python -m infer.generate --model PATH --prompt TEXT [--prompt TEXT ...] [--chat] [--no-thinking]
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--json]
+    python -m infer.generate --model PATH --interactive        # a chat loop; the decode state is kept
+
+Sampling defaults are Qwen3.5's recommendations: the thinking preset for --chat, else the non-thinking one;
+--temperature 0 is greedy. Text streams to stdout; --json prints one JSON object per prompt instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from infer.engine import Engine
+from infer.sampling import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate text with a Qwen3.5 checkpoint.")
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
+    p.add_argument("--no-thinking", action="store_true", help="chat without the thinking block")
+    p.add_argument("--interactive", action="store_true", help="chat loop keeping the decode state")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    for name, kind in (("temperature", float), ("top-p", float), ("top-k", int), ("min-p", float),
+                       ("presence-penalty", float), ("frequency-penalty", float),
+                       ("repetition-penalty", float), ("seed", int)):
+        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-len", type=int, default=4096, help="decode state length (prompt + new tokens)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    return p
+
+
+def sampling_from_args(args) -> SamplingParams:
+    preset = SamplingParams.non_thinking if (args.no_thinking or not (args.chat or args.interactive)) \
+        else SamplingParams.thinking
+    overrides = {"max_new_tokens": args.max_new_tokens, "stop": tuple(args.stop)}
+    for field in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            overrides[field] = value
+    return preset(**overrides)
+
+
+def render(engine: Engine, messages: list[dict], thinking: bool) -> list[int]:
+    return engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages, enable_thinking=thinking))
+
+
+def run_batch(engine: Engine, args, params: SamplingParams) -> None:
+    prompts = [render(engine, [{"role": "user", "content": p}], not args.no_thinking) if args.chat else p
+               for p in args.prompt]
+    if args.json:
+        for prompt, result in zip(args.prompt, engine.generate(prompts, params)):
+            print(json.dumps({"prompt": prompt, **dataclasses.asdict(result)}))
+        return
+    for event in engine.stream(prompts, params):
+        prefix = f"[{event.index}] " if len(prompts) > 1 and event.text else ""
+        print(prefix + event.text, end="", flush=True)
+        if event.finish_reason:
+            print(f"\n[{event.index} finished: {event.finish_reason}]" if len(prompts) > 1 else "")
+
+
+def run_interactive(engine: Engine, args, params: SamplingParams) -> None:
+    """Each turn feeds only the tokens the decode state has not seen (re-prefills if the template
+    rewrote history, e.g. by dropping earlier reasoning)."""
+    messages, fed, state = [], [], None
+    while True:
+        try:
+            line = input("\n> ")
+        except EOFError:
+            return
+        if line.strip() in ("", "/exit", "/quit"):
+            return
+        messages.append({"role": "user", "content": line})
+        tokens = render(engine, messages, not args.no_thinking)
+        if state is None or tokens[:len(fed)] != fed or len(tokens) + params.max_new_tokens >= engine.max_len:
+            state, fed = None, []
+        reply = []
+        for event in engine.stream([tokens[len(fed):]], params, state=state):
+            print(event.text, end="", flush=True)
+            reply.append(event)
+        state = engine.last_state
+        fed = tokens + [e.token_id for e in reply[:-1]]
+        messages.append({"role": "assistant", "content": "".join(e.text for e in reply)})
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.prompt and not args.interactive:
+        build_parser().error("give --prompt TEXT (repeatable) or --interactive")
+    try:
+        params = sampling_from_args(args)
+        engine = Engine.load(args.model, dtype=args.dtype, max_len=args.max_len)
+        if (args.chat or args.interactive or args.prompt) and engine.tokenizer is None:
+            raise ValueError(f"{args.model}: no tokenizer.json or tokenizer.model; text prompts need one")
+        if args.interactive:
+            run_interactive(engine, args, params)
+        else:
+            run_batch(engine, args, params)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The decode state: a pytree stacked like the layers, with static shapes so decoding never recompiles.
+
+    {"lengths": int32 [B],                         tokens already in the state, per row
+     "layers": [one dict per layer of the period],  each leaf with a leading [num_periods] axis when scanned
+        attention layer: {"k", "v": [B, max_len, kv_heads, head_dim]}        post-norm, post-RoPE keys
+        GDN layer:       {"conv_q", "conv_k": [B, K-1, key_heads, dk], "conv_v": [B, K-1, heads, dv],
+                          "recurrent": [B, heads, dk, dv] float32}}
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qwen35_jax.config import ModelConfig
+
+
+def layer_state_shapes(cfg: ModelConfig, layer_type: str, batch: int, max_len: int, dtype) -> dict:
+    """{name: ShapeDtypeStruct} of one layer's decode state."""
+    if layer_type == "full_attention":
+        kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_key_value_heads, cfg.head_dim), dtype)
+        return {"k": kv, "v": kv}
+    k1 = cfg.linear_conv_kernel_dim - 1
+    nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    return {"conv_q": jax.ShapeDtypeStruct((batch, k1, nk, dk), dtype),
+            "conv_k": jax.ShapeDtypeStruct((batch, k1, nk, dk), dtype),
+            "conv_v": jax.ShapeDtypeStruct((batch, k1, nv, dv), dtype),
+            "recurrent": jax.ShapeDtypeStruct((batch, nv, dk, dv), jnp.float32)}
+
+
+def decode_state_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
+    """The whole decode state as ShapeDtypeStructs (for dry-runs and sharding)."""
+    stack = cfg.num_periods > 1
+
+    def stacked(s):
+        return jax.ShapeDtypeStruct((cfg.num_periods, *s.shape), s.dtype) if stack else s
+    layers = [jax.tree.map(stacked, layer_state_shapes(cfg, t, batch, max_len, dtype)) for t in cfg.period]
+    return {"lengths": jax.ShapeDtypeStruct((batch,), jnp.int32), "layers": layers}
+
+
+def init_decode_state(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty decode state (all zeros, lengths 0)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), decode_state_shapes(cfg, batch, max_len, dtype))
+
+
+def state_bytes(state) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
