@@ -56,6 +56,8 @@ class Engine:
         self.decode_traces = 0  # how many times the decode step was traced (compiled)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 3, 4))
+        self._first_sample = jax.jit(self._sample_and_count)
+        self.last_state = None
 
     @classmethod
     def load(cls, path: str | Path, dtype="float32", max_len: int = 4096, mesh=None, prefill_chunk: int = 512,
@@ -95,17 +97,26 @@ class Engine:
     # ---- user API ------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  state: dict | None = None) -> list[GenerationResult]:
-        """One result per prompt (strings need a tokenizer; token-id lists work without one)."""
-        results = {}
-        for event in self.stream(prompts, params, state=state, _results=results):
-            pass
-        return [results[i] for i in range(len(results))]
+        """One result per prompt (strings need a tokenizer; token-id lists work without one).
 
-    def stream(self, prompts, params=None, state: dict | None = None, _results: dict | None = None
-               ) -> Iterator[StreamEvent]:
-        """Yields StreamEvents as tokens are decoded; text deltas never split a multi-byte character.
+        `tokens_per_second` is generated tokens over the wall time of the whole call (prefill included).
+        """
+        prompt_ids = [self._prompt_ids(p) for p in prompts]
+        tokens, texts, reasons = [[] for _ in prompts], [""] * len(prompts), [None] * len(prompts)
+        start = time.perf_counter()
+        for event in self.stream(prompt_ids, params, state=state):
+            tokens[event.index].append(event.token_id)
+            texts[event.index] += event.text
+            reasons[event.index] = event.finish_reason
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        return [GenerationResult(p, t, x, r, len(t) / elapsed) for p, t, x, r in zip(prompt_ids, tokens, texts, reasons)]
 
-        `state`: a decode state from an earlier call (chat turns): the prompts continue it.
+    def stream(self, prompts, params=None, state: dict | None = None) -> Iterator[StreamEvent]:
+        """Yields a StreamEvent per generated token; text deltas never split a multi-byte character.
+
+        `state`: a decode state from an earlier call (`engine.last_state`, for chat turns) that the prompts
+        continue. After the call, `engine.last_state` holds every token fed so far (all but the last
+        sampled token of each row).
         """
         prompt_ids = [self._prompt_ids(p) for p in prompts]
         batch = len(prompt_ids)
@@ -127,17 +138,16 @@ class Engine:
         for i, ids in enumerate(prompt_ids):
             seen[i, ids] = True
         counts, seen = jnp.zeros((batch, vocab), jnp.int32), jnp.asarray(seen)
-        token, counts, seen = jax.jit(self._sample_and_count)(logits, counts, seen, sampling, 0)
-        yield from self._decode_loop(prompt_ids, params, state, token, counts, seen, sampling, _results)
+        token, counts, seen = self._first_sample(logits, counts, seen, sampling, 0)
+        yield from self._decode_loop(params, state, token, counts, seen, sampling)
 
-    def _decode_loop(self, prompt_ids, params, state, token, counts, seen, sampling, results):
-        batch = len(prompt_ids)
+    def _decode_loop(self, params, state, token, counts, seen, sampling):
+        batch = len(params)
         outputs = [[] for _ in range(batch)]
         finish = [None] * batch
         decoders = [IncrementalDecoder(self.tokenizer) if self.tokenizer else None for _ in range(batch)]
         texts = [""] * batch
         lengths = np.asarray(state["lengths"]).copy()
-        start = time.perf_counter()
         for step in range(1, max(p.max_new_tokens for p in params) + 1):
             token_host = np.asarray(token)
             for i in range(batch):
@@ -152,32 +162,25 @@ class Engine:
             lengths += active
             token, counts, seen, state = self._decode(self.params, state, token, counts, seen,
                                                       jnp.asarray(active), sampling, step)
-        elapsed = time.perf_counter() - start
-        if results is not None:
-            for i in range(batch):
-                results[i] = GenerationResult(prompt_ids[i], outputs[i], texts[i], finish[i],
-                                              len(outputs[i]) / max(elapsed, 1e-9))
         self.last_state = state
 
     def _accept(self, index, token, params, output, decoder, texts, cache_full) -> StreamEvent:
-        """Appends one sampled token to a row; decides whether the row is finished."""
+        """Appends one sampled token to a row and decides whether the row is finished."""
         output.append(token)
         eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         reason = "stop" if token in params.stop_token_ids or token in eos else None
-        delta = ""
+        delta, cut_at_stop_string = "", False
         if decoder is not None and reason is None:
             delta = decoder.push(token)
             texts[index] += delta
-            for stop in params.stop:
-                cut = texts[index].find(stop)
-                if cut >= 0:
-                    delta = delta[: max(0, len(delta) - (len(texts[index]) - cut))]
-                    texts[index], reason = texts[index][:cut], "stop"
-                    break
+            cut = min((texts[index].find(s) for s in params.stop if s in texts[index]), default=-1)
+            if cut >= 0:  # the text ends before the stop string; the string itself is not returned
+                delta = delta[: max(0, len(delta) - (len(texts[index]) - cut))]
+                texts[index], reason, cut_at_stop_string = texts[index][:cut], "stop", True
         if reason is None and (len(output) >= params.max_new_tokens or cache_full):
             reason = "length"
-        if reason is not None and decoder is not None and not params.stop or reason == "length":
-            tail = decoder.flush() if decoder is not None else ""
+        if reason is not None and decoder is not None and not cut_at_stop_string:
+            tail = decoder.flush()
             texts[index] += tail
             delta += tail
         return StreamEvent(index, delta, token, reason)

@@ -3,64 +3,8 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
-
+from conftest import CORPUS, SPECIAL
 from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
-
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "Qwen3.5 mixes Gated DeltaNet and attention.",
-          "Ünïcödé text: naïve café, 東京, emoji 🚀 and 12345 digits.", "def f(x):\n    return x + 1\n"] * 20
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-# A ChatML template in the style of Qwen3.5's (system, tools, reasoning kept after the last user turn,
-# thinking switch in the generation prompt).
-TEMPLATE = """{%- if tools %}<|im_start|>system
-# Tools
-<tools>{% for t in tools %}
-{{ t | tojson }}{% endfor %}
-</tools><|im_end|>
-{% endif %}
-{%- set ns = namespace(last_user=-1) %}
-{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
-{%- for m in messages %}
-{%- if m.role == 'assistant' %}
-<|im_start|>assistant
-{% if m.reasoning_content and loop.index0 > ns.last_user %}<think>
-{{ m.reasoning_content }}
-</think>
-
-{% endif %}{{ m.content }}<|im_end|>
-{% else %}
-<|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% if enable_thinking is defined and enable_thinking is false %}<think>
-
-</think>
-
-{% else %}<think>
-{% endif %}{% endif %}"""
-
-
-@pytest.fixture(scope="module")
-def bpe_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bpe")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "chat_template": TEMPLATE}))
-    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def sp_folder(tmp_path_factory):

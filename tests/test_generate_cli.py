@@ -1,0 +1,70 @@
+"""End to end with a real tokenizer: text prompts, streaming, chat template, EOS, stop strings, the CLI."""
+
+import json
+
+import pytest
+
+from conftest import write_bpe_tokenizer
+from infer import Engine, SamplingParams
+from infer.generate import main
+from qwen35_jax.hf_reference import build_hf_model, save_hf_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny MoE checkpoint folder with a byte-level BPE tokenizer (vocab 320 >= the tokenizer's 300)."""
+    folder = save_hf_model(build_hf_model("tiny-moe", vocab_size=320), tmp_path_factory.mktemp("ckpt"))
+    write_bpe_tokenizer(folder, vocab_size=300)
+    return folder
+
+
+def test_text_prompts_stream_and_match_generate(checkpoint):
+    engine = Engine.load(checkpoint, max_len=128)
+    params = SamplingParams.greedy(max_new_tokens=24, ignore_eos=True)
+    results = engine.generate(["The quick brown", "naïve café"], params)
+    deltas = {0: "", 1: ""}
+    for event in engine.stream(["The quick brown", "naïve café"], params):
+        deltas[event.index] += event.text  # (a random model emits invalid UTF-8 too: compare totals)
+    for i, result in enumerate(results):
+        assert result.text == deltas[i] == engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        assert len(result.token_ids) == 24 and result.finish_reason == "length"
+
+
+def test_eos_and_stop_strings(checkpoint):
+    engine = Engine.load(checkpoint, max_len=128)
+    free = engine.generate(["The quick brown"], SamplingParams.greedy(max_new_tokens=24, ignore_eos=True))[0]
+    eos = free.token_ids[3]
+    engine.tokenizer.eos_token_ids = (eos,)
+    stopped = engine.generate(["The quick brown"], SamplingParams.greedy(max_new_tokens=24))[0]
+    assert stopped.token_ids == free.token_ids[:free.token_ids.index(eos) + 1] and stopped.finish_reason == "stop"
+    engine.tokenizer.eos_token_ids = ()
+    text = free.text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if stop.strip():
+        result = engine.generate(["The quick brown"], SamplingParams.greedy(max_new_tokens=24, stop=(stop,)))[0]
+        assert result.finish_reason == "stop" and result.text == text[:text.find(stop)]
+
+
+def test_cli_json_and_chat(checkpoint, capsys):
+    code = main(["--model", str(checkpoint), "--prompt", "Hello", "--prompt", "Bye", "--chat", "--no-thinking",
+                 "--max-new-tokens", "6", "--temperature", "0", "--json"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert code == 0 and [x["prompt"] for x in lines] == ["Hello", "Bye"]
+    for x in lines:
+        assert len(x["token_ids"]) <= 6 and x["finish_reason"] in ("stop", "length")
+        assert x["tokens_per_second"] > 0 and isinstance(x["text"], str)
+    code = main(["--model", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "1"])
+    assert code == 0 and capsys.readouterr().out
+
+
+def test_cli_interactive_keeps_state(checkpoint, capsys, monkeypatch):
+    lines = iter(["hi there", "and again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["--model", str(checkpoint), "--interactive", "--no-thinking", "--max-new-tokens", "4",
+                 "--temperature", "0", "--max-len", "256"]) == 0
+
+
+def test_cli_bad_arguments(checkpoint, capsys):
+    assert main(["--model", str(checkpoint), "--prompt", "x", "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["--model", str(checkpoint), "--prompt", "x", "--max-new-tokens", "0"]) == 2
