@@ -20,6 +20,7 @@ from flax import nnx
 from infer.sampling import SamplingParams, batch_arrays, sample
 from qwen35_jax.cache import init_decode_state
 from qwen35_jax.loading import load_model
+from qwen35_jax.nn.model import unstack_layers
 from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -49,6 +50,7 @@ class Engine:
     def __init__(self, model, tokenizer: Tokenizer | None = None, max_len: int = 4096, prefill_chunk: int = 512):
         if max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"max_len={max_len} must be >= 2 and prefill_chunk={prefill_chunk} >= 1")
+        model = unstack_layers(model)  # decoding reads unstacked layers (see nn.decoder.Decoder)
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.max_len, self.prefill_chunk = max_len, prefill_chunk
@@ -65,7 +67,7 @@ class Engine:
         """Loads a checkpoint folder (and its tokenizer, when the folder has one)."""
         if mesh is not None:
             raise NotImplementedError("sharded inference (mesh=...) arrives with the sharding issue")
-        model = load_model(path, dtype=dtype)
+        model = load_model(path, dtype=dtype, scan_layers=False)
         if tokenizer is None and any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
             tokenizer = Tokenizer.load(path)
         elif isinstance(tokenizer, (str, Path)):

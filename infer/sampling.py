@@ -115,8 +115,12 @@ def sample(logits, output_counts, seen_mask, p, step):
     Returns int32 [B]: argmax where temperature == 0, else a draw from the filtered distribution.
     """
     logits = apply_penalties(logits.astype(jnp.float32), output_counts, seen_mask, p)
-    greedy = jnp.argmax(logits, axis=-1)
-    filtered = filter_logits(logits, p)
-    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(p["key"])
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    return jnp.where(p["temperature"] > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(p["key"])
+        drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, p))
+        return jnp.where(p["temperature"] > 0, drawn, greedy).astype(jnp.int32)
+
+    # An all-greedy batch skips the sort over the vocabulary (~5 ms per step for 32K entries on CPU).
+    return jax.lax.cond(jnp.any(p["temperature"] > 0), draw, lambda _: greedy, logits)

@@ -29,6 +29,14 @@ class Rule:
     to_ours: Callable          # (*hf arrays) -> tuple of our arrays
     to_hf: Callable            # (*our arrays) -> tuple of HF arrays
     period: int | None = None  # index on the stacked `layers` axis (None: not stacked)
+    layer: int | None = None   # the HF layer index (None: not a layer parameter)
+
+    def stored_keys(self) -> tuple[tuple[str, ...], ...]:
+        """Where each of our arrays lives in an Orbax checkpoint: per HF layer, whatever the scan period,
+        so one checkpoint restores with any `scan_layers` setting: ("layers", "7", "mlp", "down")."""
+        if self.layer is None:
+            return tuple(tuple(str(k) for k in p) for p in self.ours)
+        return tuple(("layers", str(self.layer), *(str(k) for k in p[4:])) for p in self.ours)
 
 
 def _np(x):
@@ -204,7 +212,7 @@ def checkpoint_rules(cfg: ModelConfig, text_prefix: str = "model.language_model.
         for hf, ours, (to_ours, to_hf) in layer_rules(cfg, layer_type, fused_experts):
             rules.append(Rule(tuple(f"{text_prefix}layers.{i}.{n}" for n in hf),
                               tuple(base + p for p in ours), to_ours, to_hf,
-                              i // period if stacked else None))
+                              i // period if stacked else None, i))
     return rules
 
 

@@ -51,7 +51,6 @@ class SafetensorsFile:
         self._entries = {}
         for name, entry in header.items():
             self._entries[name] = self._check_entry(name, entry, size - self._data_start)
-        self._mmap = None
 
     def _check_entry(self, name, entry, data_bytes):
         try:
@@ -76,14 +75,17 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self._entries[name][0])
 
+    def nbytes(self, name: str) -> int:
+        dtype, shape, _ = self._entries[name]
+        return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only memory-mapped numpy array."""
+        """The tensor as a read-only memory map of its own bytes, unmapped when the array is dropped
+        (so reading a checkpoint tensor by tensor keeps memory bounded by the tensors alive)."""
         dtype, shape, start = self._entries[name]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        count = int(np.prod(shape, dtype=np.int64))
-        offset = self._data_start + start
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset).reshape(shape)
+        if not shape or 0 in shape:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + start, shape=shape)
 
 
 class SafetensorsFolder:

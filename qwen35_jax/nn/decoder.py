@@ -77,7 +77,10 @@ REMAT_POLICIES = {
 class Decoder(nnx.Module):
     """All layers: periods stacked on a leading `layers` axis and run with `nnx.scan`.
 
-    A config whose layer_types do not repeat (or `scan_layers=False`) is one period: a plain loop.
+    A config whose layer_types do not repeat (or `scan_layers=False`) is one period: a plain loop. Scanning
+    suits training and prefill (compile time independent of depth); one-token decoding wants unstacked
+    layers (`nn.model.unstack_layers`), since a scan copies each period's weights out of the stack on
+    every step (measured 198 vs 41 ms/token on the small-moe benchmark config).
     """
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):

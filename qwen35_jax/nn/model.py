@@ -1,5 +1,7 @@
 """The Qwen3.5 text model: embeddings, scanned decoder, final norm, lm_head (optionally tied)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -74,3 +76,25 @@ class Qwen35(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, positions))
+
+
+def unstack_layers(model: Qwen35) -> Qwen35:
+    """The same model with one module per layer instead of period-stacked parameters (for decoding).
+
+    Layer i of the result holds slice [i // period] of the stacked slot i % period (a copy of each slice)."""
+    cfg = model.config
+    if cfg.num_periods == 1:
+        return model
+    flat_cfg = dataclasses.replace(cfg, scan_layers=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35(flat_cfg, model.dtype, nnx.Rngs(0))))
+    source = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    period, stack_prefix = len(cfg.period), ("decoder", "periods", "layers")
+    for path, variable in nnx.to_flat_state(state):
+        path = tuple(path)
+        if path[:3] == stack_prefix:
+            layer = path[3]
+            value = source[stack_prefix + (layer % period,) + path[4:]][layer // period]
+        else:
+            value = source[path]
+        variable.set_value(value)
+    return nnx.merge(graphdef, state)

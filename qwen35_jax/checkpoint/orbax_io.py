@@ -1,0 +1,275 @@
+"""Orbax checkpoints: streaming HF -> Orbax conversion, restore (optionally straight into shardings),
+and export back to HF safetensors.
+
+Layout (an Orbax v1 PyTree checkpoint): {"params": {our arrays, per HF layer: "layers"/"7"/...},
+"extra": {HF name: tensor} (vision and MTP tensors, carried as stored)}; the model config (HF form) and the
+format tag live in the checkpoint's custom metadata. Per-layer keys make a checkpoint independent of the
+scan period and of the mesh it was written on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+from flax import nnx
+
+from qwen35_jax.checkpoint.hf_loader import abstract_model, check_tensors, layer_shape
+from qwen35_jax.checkpoint.names import Rule, checkpoint_rules, detect_layout, is_skipped
+from qwen35_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFolder
+from qwen35_jax.config import ModelConfig
+from qwen35_jax.sharding import variable_sharding
+
+FORMAT = "qwen35-jax/1"
+STORE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "keep": None}
+
+
+def is_orbax_checkpoint(path: str | Path) -> bool:
+    return Path(path, "_CHECKPOINT_METADATA").exists()
+
+
+def _nest(tree: dict, keys: tuple[str, ...], value) -> dict:
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return tree
+
+
+def _cast(x: np.ndarray, dtype) -> np.ndarray:
+    if dtype is None or not np.issubdtype(np.dtype(x.dtype), np.floating) and x.dtype != ml_dtypes.bfloat16:
+        return np.ascontiguousarray(x)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _staging(out: Path) -> Path:
+    """Where a conversion is written before the final rename (no dots: Orbax's partial-save session
+    names are `{name}.partial_save...`)."""
+    return out.parent / f"{out.name.replace('.', '_')}-converting"
+
+
+def _clear_staging(out: Path) -> None:
+    """Removes what an interrupted conversion left (the staging folder and Orbax's partial-save folders)."""
+    for leftover in out.parent.glob(f"{_staging(out).name}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloat16", progress: bool = True,
+                        overwrite: bool = False, batch_bytes: int = 256 * 2**20) -> Path:
+    """Checks every tensor against the config, then converts one tensor group at a time, saving each
+    `batch_bytes` of converted arrays as one Orbax partial save.
+
+    Memory is bounded by batch_bytes plus the largest rule's tensors (one layer's fused experts), not the model.
+    Writes into a staging folder renamed to `out` at the end: an interrupted run leaves nothing at `out`.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(STORE_DTYPES)}")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    cfg = ModelConfig.from_hf(hf_dir)
+    folder = SafetensorsFolder(hf_dir)
+    prefix, fused = detect_layout(folder.names())
+    rules = checkpoint_rules(cfg, prefix, fused)
+    _, _, variables = abstract_model(cfg, jnp.float32)
+    check_tensors(folder, rules, variables)
+    extras = sorted(n for n in folder.names() if is_skipped(n))
+    store = STORE_DTYPES[dtype]
+    _clear_staging(out)
+    staging = _staging(out)
+    metadata = {"format": FORMAT, "config": cfg.to_hf(), "dtype": dtype, "source": str(hf_dir)}
+    bar = _progress(folder, rules, extras, progress)
+    batch = _SaveBatch(staging, metadata, batch_bytes)
+    for rule in rules:
+        outputs = rule.to_ours(*(folder.get(n) for n in rule.hf))
+        for keys, value in zip(rule.stored_keys(), outputs):
+            batch.add(("params", *keys), _cast(value, store))
+        bar.update(sum(folder.file_of(n).nbytes(n) for n in rule.hf))
+    for name in extras:
+        batch.add(("extra", name), _cast(folder.get(name), store))
+        bar.update(folder.file_of(name).nbytes(name))
+    batch.flush()
+    bar.close()
+    ocp.partial.finalize(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out
+
+
+class _SaveBatch:
+    """Converted arrays waiting for one `ocp.partial.save` (fewer, larger saves than one per tensor)."""
+
+    def __init__(self, path: Path, metadata: dict, max_bytes: int):
+        self.path, self.metadata, self.max_bytes = path, metadata, max_bytes
+        self.tree, self.bytes = {}, 0
+
+    def add(self, keys: tuple[str, ...], value: np.ndarray):
+        _nest(self.tree, keys, value)
+        self.bytes += value.nbytes
+        if self.bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self):
+        if self.tree:
+            ocp.partial.save(self.path, self.tree, custom_metadata=self.metadata)
+            self.tree, self.bytes, self.metadata = {}, 0, None
+
+
+def _progress(folder, rules, extras, enabled):
+    from tqdm import tqdm
+    total = sum(folder.file_of(n).nbytes(n) for r in rules for n in r.hf) + \
+        sum(folder.file_of(n).nbytes(n) for n in extras)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not enabled)
+
+
+def read_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not is_orbax_checkpoint(path):
+        raise CheckpointError(f"{path}: not an Orbax checkpoint (no _CHECKPOINT_METADATA)")
+    custom = ocp.metadata(path).custom_metadata or {}
+    if isinstance(custom, str):
+        custom = json.loads(custom)
+    if custom.get("format") != FORMAT or "config" not in custom:
+        raise CheckpointError(f"{path}: an Orbax checkpoint but not a {FORMAT} model checkpoint "
+                              f"(custom metadata format={custom.get('format')!r})")
+    return custom
+
+
+def load_orbax(path: str | Path, dtype=jnp.float32, mesh=None, cfg: ModelConfig | None = None):
+    """Restores a converted checkpoint as a `Qwen35` of `dtype`. With a mesh, every array is read straight
+    into its target sharding (each device reads its own slice); per-layer arrays are then stacked on device."""
+    from qwen35_jax.nn.model import Qwen35  # noqa: F401  (for the graphdef)
+    path = Path(path)
+    cfg = cfg or ModelConfig.from_dict(read_metadata(path)["config"], where=str(path))
+    graphdef, state, variables = abstract_model(cfg, dtype)
+    rules = checkpoint_rules(cfg)
+    abstract, placement = {}, {}
+    single_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for rule in rules:
+        for p, keys in zip(rule.ours, rule.stored_keys()):
+            sharding = single_device if mesh is None else _slice_sharding(variables[p], mesh, rule)
+            _nest(abstract, ("params", *keys), jax.ShapeDtypeStruct(layer_shape(variables[p], rule), dtype,
+                                                                     sharding=sharding))
+            placement.setdefault(p, []).append((rule.period, keys))
+    stored = _stored_tree(path)
+    missing = sorted("/".join(k) for p in placement for _, k in placement[p] if not _has(stored, ("params", *k)))
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks arrays the config needs: {missing[:10]}")
+    if "extra" in stored:
+        abstract["extra"] = jax.tree.map(lambda _: ocp.PLACEHOLDER, stored["extra"])
+    loaded = ocp.load_pytree(path, abstract)["params"]
+    for p, pieces in placement.items():
+        values = [_get(loaded, keys) for _, keys in sorted(pieces, key=lambda x: x[0] or 0)]
+        target = variables[p].get_value()
+        if pieces[0][0] is None:
+            value = values[0]
+        else:
+            sharding = None if mesh is None else variable_sharding(variables[p], mesh)
+            value = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*values)
+        assert value.shape == target.shape, (p, value.shape, target.shape)
+        variables[p].set_value(value)
+    return nnx.merge(graphdef, state)
+
+
+def _slice_sharding(variable, mesh, rule: Rule):
+    full = variable_sharding(variable, mesh)
+    if rule.period is None:
+        return full
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*full.spec[1:]))
+
+
+def _stored_tree(path: Path) -> dict:
+    return ocp.pytree_metadata(path).metadata
+
+
+def _has(tree, keys) -> bool:
+    for k in keys:
+        if not isinstance(tree, dict) or k not in tree:
+            return False
+        tree = tree[k]
+    return True
+
+
+def _get(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
+    """Writes an HF folder (config.json, sharded safetensors in the released layout: `model.language_model.`
+    prefix, fused experts; model.safetensors.index.json) that transformers `from_pretrained` loads."""
+    ckpt, out = Path(ckpt), Path(out)
+    meta = read_metadata(ckpt)
+    cfg = ModelConfig.from_dict(meta["config"], where=str(ckpt))
+    stored = _stored_tree(ckpt)
+    staging = out.parent / f"{out.name}-exporting"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    writer = _ShardWriter(staging, max_shard_bytes)
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+    def abstract(tree):
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), tree)
+    params = ocp.load_pytree(ckpt, jax.tree.map(lambda _: ocp.PLACEHOLDER, stored) | {
+        "params": abstract(stored["params"])})
+    for rule in checkpoint_rules(cfg):
+        values = rule.to_hf(*(np.asarray(_get(params["params"], k)) for k in rule.stored_keys()))
+        for name, value in zip(rule.hf, values):
+            writer.add(name, value)
+    if "extra" in stored:
+        extra = ocp.load_pytree(ckpt, {"params": jax.tree.map(lambda _: ocp.PLACEHOLDER, stored["params"]),
+                                       "extra": abstract(stored["extra"])})["extra"]
+        for name, value in extra.items():
+            writer.add(name, np.asarray(value))
+    writer.close()
+    config = cfg.to_hf()
+    config.setdefault("torch_dtype", "bfloat16" if meta.get("dtype") == "bfloat16" else "float32")
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out
+
+
+class _ShardWriter:
+    """Accumulates tensors into safetensors shards of at most max_bytes, then writes the index."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending, self.pending_bytes, self.shards = {}, 0, []
+
+    def add(self, name: str, value: np.ndarray):
+        if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
+            self._flush()
+        self.pending[name] = np.ascontiguousarray(value)
+        self.pending_bytes += value.nbytes
+
+    def _flush(self):
+        from safetensors.numpy import save_file
+        file = f"model-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.pending, self.folder / file, metadata={"format": "pt"})
+        self.shards.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        if self.pending:
+            self._flush()
+        n = len(self.shards)
+        weight_map, total = {}, 0
+        for i, (file, names) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / file, self.folder / final)
+            weight_map.update({name: final for name in names})
+        for file in self.folder.glob("*.safetensors"):
+            total += file.stat().st_size
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
