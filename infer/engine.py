@@ -19,6 +19,7 @@ from flax import nnx
 
 from infer.sampling import SamplingParams, batch_arrays, sample
 from qwen35_jax.cache import init_decode_state
+from qwen35_jax.checkpoint.orbax_io import ASSETS
 from qwen35_jax.loading import load_model
 from qwen35_jax.nn.model import unstack_layers
 from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer
@@ -68,8 +69,9 @@ class Engine:
         if mesh is not None:
             raise NotImplementedError("sharded inference (mesh=...) arrives with the sharding issue")
         model = load_model(path, dtype=dtype, scan_layers=False)
-        if tokenizer is None and any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-            tokenizer = Tokenizer.load(path)
+        if tokenizer is None:  # an HF folder holds its tokenizer; a converted checkpoint keeps it in assets/
+            tokenizer = next((Tokenizer.load(d) for d in (Path(path), Path(path) / ASSETS)
+                              if any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model"))), None)
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.load(tokenizer)
         return cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk)

@@ -68,3 +68,12 @@ def test_cli_bad_arguments(checkpoint, capsys):
     assert main(["--model", str(checkpoint), "--prompt", "x", "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
     assert main(["--model", str(checkpoint), "--prompt", "x", "--max-new-tokens", "0"]) == 2
+
+
+def test_engine_loads_a_converted_checkpoint_with_its_tokenizer(checkpoint, tmp_path):
+    from qwen35_jax.checkpoint.orbax_io import convert_hf_to_orbax
+    ckpt = convert_hf_to_orbax(checkpoint, tmp_path / "ckpt", "float32", progress=False)
+    params = SamplingParams.greedy(max_new_tokens=10, ignore_eos=True)
+    from_hf = Engine.load(checkpoint, max_len=64).generate(["The quick brown"], params)[0]
+    from_orbax = Engine.load(ckpt, max_len=64).generate(["The quick brown"], params)[0]
+    assert from_orbax.token_ids == from_hf.token_ids and from_orbax.text == from_hf.text

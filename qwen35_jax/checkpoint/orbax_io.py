@@ -28,6 +28,18 @@ from qwen35_jax.config import ModelConfig
 from qwen35_jax.sharding import variable_sharding
 
 FORMAT = "qwen35-jax/1"
+ASSETS = "assets"  # tokenizer, chat template and generation config, copied beside the arrays
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "preprocessor_config.json",
+               "video_preprocessor_config.json")
+
+
+def copy_assets(src: Path, dst: Path) -> None:
+    """Copies the non-weight files users need (tokenizer, templates, generation config) that exist."""
+    for name in ASSET_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
 STORE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "keep": None}
 
 
@@ -98,6 +110,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloa
     batch.flush()
     bar.close()
     ocp.partial.finalize(staging)
+    copy_assets(hf_dir, staging / ASSETS)
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
@@ -231,6 +244,7 @@ def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2
         for name, value in extra.items():
             writer.add(name, np.asarray(value))
     writer.close()
+    copy_assets(ckpt / ASSETS, staging)
     config = cfg.to_hf()
     config.setdefault("torch_dtype", "bfloat16" if meta.get("dtype") == "bfloat16" else "float32")
     (staging / "config.json").write_text(json.dumps(config, indent=2))
