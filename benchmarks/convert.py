@@ -54,7 +54,8 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def write_synthetic(folder: Path, cfg: ModelConfig, shard_bytes: int) -> tuple[int, int]:
     """Random bf16 tensors in shards; returns (total bytes, largest tensor bytes)."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({**MID_MOE, "architectures": ["Qwen3_5MoeForCausalLM"],
+    (folder / "config.json").write_text(json.dumps({**MID_MOE, "num_hidden_layers": cfg.num_hidden_layers,
+                                                    "architectures": ["Qwen3_5MoeForCausalLM"],
                                                     "layer_types": list(cfg.layer_types)}))
     rng = np.random.default_rng(0)
     shard, shard_size, weight_map, files, total, largest = {}, 0, {}, [], 0, 0

@@ -55,10 +55,12 @@ def _nest(tree: dict, keys: tuple[str, ...], value) -> dict:
     return tree
 
 
-def _cast(x: np.ndarray, dtype) -> np.ndarray:
-    if dtype is None or not np.issubdtype(np.dtype(x.dtype), np.floating) and x.dtype != ml_dtypes.bfloat16:
-        return np.ascontiguousarray(x)
-    return np.ascontiguousarray(x, dtype=dtype)
+def _stored(x: np.ndarray, dtype) -> np.ndarray:
+    """One contiguous copy of a (possibly transposed, memory-mapped) tensor in the stored dtype."""
+    floating = np.issubdtype(np.dtype(x.dtype), np.floating) or x.dtype == ml_dtypes.bfloat16
+    if dtype is not None and floating and x.dtype != dtype:
+        return x.astype(dtype, order="C")
+    return np.ascontiguousarray(x)
 
 
 def _staging(out: Path) -> Path:
@@ -74,7 +76,7 @@ def _clear_staging(out: Path) -> None:
 
 
 def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloat16", progress: bool = True,
-                        overwrite: bool = False, batch_bytes: int = 256 * 2**20) -> Path:
+                        overwrite: bool = False, batch_bytes: int = 128 * 2**20) -> Path:
     """Checks every tensor against the config, then converts one tensor group at a time, saving each
     `batch_bytes` of converted arrays as one Orbax partial save.
 
@@ -100,12 +102,13 @@ def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloa
     bar = _progress(folder, rules, extras, progress)
     batch = _SaveBatch(staging, metadata, batch_bytes)
     for rule in rules:
-        outputs = rule.to_ours(*(folder.get(n) for n in rule.hf))
-        for keys, value in zip(rule.stored_keys(), outputs):
-            batch.add(("params", *keys), _cast(value, store))
+        stored = [_stored(value, store) for value in rule.to_ours(*(folder.get(n) for n in rule.hf))]
+        for keys, value in zip(rule.stored_keys(), stored):  # the memory maps are released by now
+            batch.add(("params", *keys), value)
+        del stored
         bar.update(sum(folder.file_of(n).nbytes(n) for n in rule.hf))
     for name in extras:
-        batch.add(("extra", name), _cast(folder.get(name), store))
+        batch.add(("extra", name), _stored(folder.get(name), store))
         bar.update(folder.file_of(name).nbytes(name))
     batch.flush()
     bar.close()
@@ -124,7 +127,9 @@ class _SaveBatch:
         self.path, self.metadata, self.max_bytes = path, metadata, max_bytes
         self.tree, self.bytes = {}, 0
 
-    def add(self, keys: tuple[str, ...], value: np.ndarray):
+    def add(self, keys: tuple[str, ...], value):
+        if self.bytes and self.bytes + value.nbytes > self.max_bytes:
+            self.flush()  # a large array is saved on its own rather than on top of a full batch
         _nest(self.tree, keys, value)
         self.bytes += value.nbytes
         if self.bytes >= self.max_bytes:
