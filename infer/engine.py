@@ -65,10 +65,11 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, dtype="float32", max_len: int = 4096, mesh=None, prefill_chunk: int = 512,
              tokenizer: Tokenizer | str | Path | None = None) -> Engine:
-        """Loads a checkpoint folder (and its tokenizer, when the folder has one)."""
-        if mesh is not None:
-            raise NotImplementedError("sharded inference (mesh=...) arrives with the sharding issue")
-        model = load_model(path, dtype=dtype, scan_layers=False)
+        """Loads a checkpoint folder (and its tokenizer, when the folder has one).
+
+        With a mesh, parameters are sharded by the rules of qwen35_jax.sharding and the jitted steps run
+        under GSPMD (XLA inserts the collectives); the decode state starts replicated."""
+        model = load_model(path, dtype=dtype, mesh=mesh, scan_layers=False)
         if tokenizer is None:  # an HF folder holds its tokenizer; a converted checkpoint keeps it in assets/
             tokenizer = next((Tokenizer.load(d) for d in (Path(path), Path(path) / ASSETS)
                               if any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model"))), None)
