@@ -148,47 +148,22 @@ class Engine:
 
     def _decode_loop(self, params, state, token, counts, seen, sampling):
         batch = len(params)
-        outputs = [[] for _ in range(batch)]
-        finish = [None] * batch
-        decoders = [IncrementalDecoder(self.tokenizer) if self.tokenizer else None for _ in range(batch)]
-        texts = [""] * batch
+        rows = [_Row(p, self.tokenizer) for p in params]
         lengths = np.asarray(state["lengths"]).copy()
         for step in range(1, max(p.max_new_tokens for p in params) + 1):
             token_host = np.asarray(token)
-            for i in range(batch):
-                if finish[i] is None:
-                    event = self._accept(i, int(token_host[i]), params[i], outputs[i], decoders[i], texts,
-                                         lengths[i] + 1 >= self.max_len)
-                    finish[i] = event.finish_reason
-                    yield event
-            if all(f is not None for f in finish):
+            for i, row in enumerate(rows):
+                if row.finish is None:
+                    eos = () if row.params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
+                    text = row.accept(int(token_host[i]), eos, lengths[i] + 1 >= self.max_len)
+                    yield StreamEvent(i, text, int(token_host[i]), row.finish)
+            if all(row.finish is not None for row in rows):
                 break
-            active = np.array([f is None for f in finish], np.int32)
+            active = np.array([row.finish is None for row in rows], np.int32)
             lengths += active
             token, counts, seen, state = self._decode(self.params, state, token, counts, seen,
                                                       jnp.asarray(active), sampling, step)
         self.last_state = state
-
-    def _accept(self, index, token, params, output, decoder, texts, cache_full) -> StreamEvent:
-        """Appends one sampled token to a row and decides whether the row is finished."""
-        output.append(token)
-        eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
-        reason = "stop" if token in params.stop_token_ids or token in eos else None
-        delta, cut_at_stop_string = "", False
-        if decoder is not None and reason is None:
-            delta = decoder.push(token)
-            texts[index] += delta
-            cut = min((texts[index].find(s) for s in params.stop if s in texts[index]), default=-1)
-            if cut >= 0:  # the text ends before the stop string; the string itself is not returned
-                delta = delta[: max(0, len(delta) - (len(texts[index]) - cut))]
-                texts[index], reason, cut_at_stop_string = texts[index][:cut], "stop", True
-        if reason is None and (len(output) >= params.max_new_tokens or cache_full):
-            reason = "length"
-        if reason is not None and decoder is not None and not cut_at_stop_string:
-            tail = decoder.flush()
-            texts[index] += tail
-            delta += tail
-        return StreamEvent(index, delta, token, reason)
 
     def _run_prefill(self, prompt_ids, state):
         """Chunked prefill of every row; returns (logits [B, V] after each row's prompt, state)."""
@@ -222,3 +197,42 @@ class Engine:
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
         return ids
+
+
+class _Row:
+    """One request's tokens and text during decoding: EOS / stop tokens / stop strings / length.
+
+    With stop strings, the last (longest stop string - 1) characters are held back until they can no
+    longer begin a stop string, so streamed text never includes any part of one."""
+
+    def __init__(self, params: SamplingParams, tokenizer: Tokenizer | None):
+        self.params = params
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+        self.tokens: list[int] = []
+        self.text, self.emitted = "", 0
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.finish: str | None = None
+
+    def accept(self, token: int, eos: tuple[int, ...], cache_full: bool) -> str:
+        """Adds a sampled token; returns the text that may be shown now (sets self.finish when done)."""
+        self.tokens.append(token)
+        if token in self.params.stop_token_ids or token in eos:
+            self.finish = "stop"
+        elif self.decoder is not None:
+            self.text += self.decoder.push(token)
+            cut = min((c for c in (self.text.find(s, max(0, self.emitted - self.holdback))
+                                   for s in self.params.stop) if c >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.finish = self.text[:cut], "stop"
+                return self._emit(cut)
+        if self.finish is None and (len(self.tokens) >= self.params.max_new_tokens or cache_full):
+            self.finish = "length"
+        if self.finish is not None:
+            self.text += self.decoder.flush() if self.decoder is not None else ""
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - self.holdback)
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta, self.emitted = self.text[self.emitted:upto], upto
+        return delta

@@ -77,3 +77,19 @@ def test_engine_loads_a_converted_checkpoint_with_its_tokenizer(checkpoint, tmp_
     from_hf = Engine.load(checkpoint, max_len=64).generate(["The quick brown"], params)[0]
     from_orbax = Engine.load(ckpt, max_len=64).generate(["The quick brown"], params)[0]
     assert from_orbax.token_ids == from_hf.token_ids and from_orbax.text == from_hf.text
+
+
+@pytest.mark.parametrize("stop", ["fox jumps", "x j", "z"])
+def test_stop_string_spanning_tokens_is_never_streamed(bpe_folder, stop):
+    """Text is held back while it could still begin a stop string, so no part of one is ever shown."""
+    from infer.engine import _Row
+    from qwen35_jax.tokenizer import Tokenizer
+    tok = Tokenizer.load(bpe_folder)
+    text = "The quick brown fox jumps over the lazy dog."
+    row = _Row(SamplingParams(stop=(stop,), max_new_tokens=100), tok)
+    shown = "".join(row.accept(t, (), False) for t in tok.encode(text) if row.finish is None)
+    cut = text.find(stop)
+    if cut >= 0:
+        assert row.finish == "stop" and shown == text[:cut]
+    else:
+        assert row.finish is None and text.startswith(shown) and len(shown) >= len(text) - len(stop)

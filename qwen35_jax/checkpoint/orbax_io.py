@@ -205,7 +205,7 @@ def _slice_sharding(variable, mesh, rule: Rule):
 
 
 def _stored_tree(path: Path) -> dict:
-    return ocp.pytree_metadata(path).metadata
+    return ocp.metadata(path).metadata
 
 
 def _has(tree, keys) -> bool:
