@@ -48,7 +48,8 @@ def _bucket(n: int, cap: int) -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer: Tokenizer | None = None, max_len: int = 4096, prefill_chunk: int = 512):
+    def __init__(self, model, tokenizer: Tokenizer | None = None, max_len: int = 4096, prefill_chunk: int = 512,
+                 mesh: jax.sharding.Mesh | None = None):
         if max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"max_len={max_len} must be >= 2 and prefill_chunk={prefill_chunk} >= 1")
         model = unstack_layers(model)  # decoding reads unstacked layers (see nn.decoder.Decoder)
@@ -57,8 +58,9 @@ class Engine:
         self.max_len, self.prefill_chunk = max_len, prefill_chunk
         self.graphdef, self.params = nnx.split(model)
         self.decode_traces = 0  # how many times the decode step was traced (compiled)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 3, 4))
+        self.mesh = mesh
+        self._prefill = self._in_mesh(jax.jit(self._prefill_fn, donate_argnums=(1,)))
+        self._decode = self._in_mesh(jax.jit(self._decode_fn, donate_argnums=(1, 3, 4)))
         self._first_sample = jax.jit(self._sample_and_count)
         self.last_state = None
 
@@ -67,17 +69,27 @@ class Engine:
              tokenizer: Tokenizer | str | Path | None = None) -> Engine:
         """Loads a checkpoint folder (and its tokenizer, when the folder has one).
 
-        With a mesh, parameters are sharded by the rules of qwen35_jax.sharding and the jitted steps run
-        under GSPMD (XLA inserts the collectives); the decode state starts replicated."""
+        With a mesh, parameters are sharded by the rules of qwen35_jax.sharding, the MoE runs expert-parallel
+        under shard_map, and XLA inserts the other collectives; the decode state starts replicated."""
         model = load_model(path, dtype=dtype, mesh=mesh, scan_layers=False)
         if tokenizer is None:  # an HF folder holds its tokenizer; a converted checkpoint keeps it in assets/
             tokenizer = next((Tokenizer.load(d) for d in (Path(path), Path(path) / ASSETS)
                               if any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model"))), None)
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.load(tokenizer)
-        return cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk)
+        return cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh)
 
     # ---- jitted steps --------------------------------------------------------------------------
+    def _in_mesh(self, fn):
+        """Traces and runs `fn` with the mesh in context (the MoE then runs expert-parallel)."""
+        if self.mesh is None:
+            return fn
+
+        def run(*args):
+            with jax.set_mesh(self.mesh):
+                return fn(*args)
+        return run
+
     def _prefill_fn(self, params, state, tokens, n_valid):
         """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state)."""
         model = nnx.merge(self.graphdef, params)

@@ -39,6 +39,21 @@ def decode_state_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> di
     return {"lengths": jax.ShapeDtypeStruct((batch,), jnp.int32), "layers": layers}
 
 
+STATE_AXES = {  # logical axis names of each decode-state leaf (for the sharding rules)
+    "k": ("batch", None, "kv_heads", "head_dim"), "v": ("batch", None, "kv_heads", "head_dim"),
+    "conv_q": ("batch", None, "key_heads", "head_dim"), "conv_k": ("batch", None, "key_heads", "head_dim"),
+    "conv_v": ("batch", None, "heads", "head_dim"), "recurrent": ("batch", "heads", None, None),
+}
+
+
+def decode_state_axes(cfg: ModelConfig) -> dict:
+    """The decode state's structure with a tuple of logical axis names in place of each leaf."""
+    stack = ("layers",) if cfg.num_periods > 1 else ()
+    layers = [{name: stack + STATE_AXES[name] for name in layer_state_shapes(cfg, t, 1, 1, jnp.float32)}
+              for t in cfg.period]
+    return {"lengths": ("batch",), "layers": layers}
+
+
 def init_decode_state(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty decode state (all zeros, lengths 0)."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), decode_state_shapes(cfg, batch, max_len, dtype))

@@ -6,7 +6,7 @@ from flax import nnx
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.mlp import MLP
 from qwen35_jax.nn.params import param
-from qwen35_jax.ops.moe import moe_experts, route
+from qwen35_jax.ops.moe import expert_parallel_mesh, moe_experts, moe_experts_parallel, route
 
 
 class SparseMoe(nnx.Module):
@@ -24,7 +24,11 @@ class SparseMoe(nnx.Module):
         """x: [batch, seq, H] -> [batch, seq, H]."""
         tokens = x.reshape(-1, x.shape[-1])
         weights, ids = route(tokens @ self.router[...], self.top_k)
-        routed = moe_experts(tokens, weights, ids, self.experts_gate_up[...], self.experts_down[...],
-                             self.backend)
+        w1, w2 = self.experts_gate_up[...], self.experts_down[...]
+        mesh = expert_parallel_mesh(w1.shape[0], w1.shape[-1])
+        if mesh is None:
+            routed = moe_experts(tokens, weights, ids, w1, w2, self.backend)
+        else:
+            routed = moe_experts_parallel(tokens, weights, ids, w1, w2, mesh, self.backend)
         shared = self.shared_expert(tokens) * jax.nn.sigmoid(tokens @ self.shared_expert_gate[...])
         return (routed + shared).reshape(x.shape)

@@ -43,7 +43,8 @@ def moe_experts(x, weights, ids, w_gate_up, w_down, backend: str = "auto"):
     """Routed expert output `sum_j weights[t, j] * FFN_{ids[t, j]}(x[t])`.
 
     x: [tokens, H]; weights, ids: [tokens, top_k]; w_gate_up: [E, H, 2, I]; w_down: [E, I, H].
-    Returns [tokens, H] in x's dtype (the k products summed in float32).
+    An id equal to E means "not one of these experts" (expert parallelism): it sorts last, is never
+    computed and contributes nothing. Returns [tokens, H] in x's dtype (the k products summed in float32).
     """
     tokens, top_k = ids.shape
     num_experts = w_gate_up.shape[0]
@@ -51,10 +52,50 @@ def moe_experts(x, weights, ids, w_gate_up, w_down, backend: str = "auto"):
     flat_ids = ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     x_sorted = x[order // top_k]
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat_ids, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     if backend == "ragged":
         y_sorted = grouped_swiglu_ragged(x_sorted, group_sizes, w_gate_up, w_down)
     else:
         y_sorted = grouped_swiglu_blocked(x_sorted, group_sizes, w_gate_up, w_down)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(tokens, top_k, -1)
+    y = jnp.where((ids < num_experts)[..., None], y, 0)
     return jnp.einsum("tkh,tk->th", y, weights, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def moe_experts_parallel(x, weights, ids, w_gate_up, w_down, mesh, backend: str = "auto"):
+    """`moe_experts` with experts on the mesh's `expert` axis and the intermediate dim on `tensor`.
+
+    Under `shard_map`, each device routes its tokens to its own experts only (others map to the "not here"
+    id), runs its slice of the intermediate dim, and the partial sums are reduced over expert x tensor:
+    no device ever holds all experts. Tokens stay split over `data`/`fsdp` when those divide them.
+    """
+    from jax.sharding import PartitionSpec as P
+    sizes = dict(mesh.shape)
+    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+    split = 1
+    for a in batch_axes:
+        split *= sizes[a]
+    tok = P(batch_axes) if batch_axes and x.shape[0] % split == 0 else P()
+
+    def local(x, weights, ids, w1, w2):
+        n_local = w1.shape[0]
+        local_ids = ids - jax.lax.axis_index("expert") * n_local
+        local_ids = jnp.where((local_ids >= 0) & (local_ids < n_local), local_ids, n_local)
+        partial = moe_experts(x, weights, local_ids, w1, w2, backend)
+        return jax.lax.psum(partial.astype(jnp.float32), ("expert", "tensor")).astype(x.dtype)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, P("expert", None, None, "tensor"),
+                                                    P("expert", "tensor", None)),
+                         out_specs=tok, check_vma=False)(x, weights, ids, w_gate_up, w_down)
+
+
+def expert_parallel_mesh(num_experts: int, intermediate: int):
+    """The mesh in context (`jax.set_mesh`) when it has expert/tensor axes dividing the experts and the
+    intermediate dim, else None (then the MoE runs unsharded, or under plain GSPMD)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {"expert", "tensor"} <= set(mesh.axis_names):
+        return None
+    e, t = mesh.shape["expert"], mesh.shape["tensor"]
+    if e * t == 1 or num_experts % e or intermediate % t:
+        return None
+    return mesh
