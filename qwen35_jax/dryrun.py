@@ -56,13 +56,17 @@ def check_mesh(cfg, mesh_sizes: dict, batch: int) -> None:
             raise MeshError(f"mesh axis {axis}={size} does not divide {field}={value}")
 
 
-def shard_bytes(abstract) -> int:
-    """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings."""
+def shard_bytes(abstract, float_bytes: int | None = None) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings (float leaves counted at
+    `float_bytes` each when given: the deployment dtype rather than the compiled one)."""
     import jax
+    import jax.numpy as jnp
     total = 0
     for leaf in jax.tree.leaves(abstract):
         shape = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shape) * leaf.dtype.itemsize
+        floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+        itemsize = float_bytes if floating and float_bytes is not None else leaf.dtype.itemsize
+        total += math.prod(shape) * itemsize
     return total
 
 
@@ -78,7 +82,9 @@ def build_step(cfg, mesh, mode: str, batch: int, seq: int):
     from qwen35_jax.nn.model import Qwen35
     from qwen35_jax.sharding import logical_spec, variable_sharding
 
-    dtype = jnp.bfloat16 if mode != "train" else jnp.float32
+    # Compiled in float32 in every mode: XLA:CPU upcasts bf16 matmul operands to float32, which would add a
+    # float32 copy of every weight to the temporaries; inference bytes are reported at bf16 (run()).
+    dtype = jnp.float32
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35(cfg, dtype, nnx.Rngs(0))))
     params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
                                                          sharding=variable_sharding(v, mesh)),
@@ -141,7 +147,9 @@ def run(model: str, devices: int, mesh_spec: str, mode: str, batch: int, seq: in
     from qwen35_jax.config import ModelConfig
     from qwen35_jax.sharding import make_mesh, parse_mesh_spec
 
-    cfg = ModelConfig.from_hf(model, moe_backend=moe_backend, remat=remat)
+    # decode as the engine does: one module per layer, so the donated state is updated in place (a scan
+    # over stacked layers would write a second copy of the whole state)
+    cfg = ModelConfig.from_hf(model, moe_backend=moe_backend, remat=remat, scan_layers=mode != "decode")
     sizes = parse_mesh_spec(mesh_spec)
     check_mesh(cfg, sizes, batch)
     if len(jax.devices()) < devices:
@@ -154,7 +162,13 @@ def run(model: str, devices: int, mesh_spec: str, mode: str, batch: int, seq: in
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     hlo = compiled.as_text()
-    report = {f"{name}_bytes_per_device": shard_bytes(part) for name, part in parts.items()}
+    # inference runs bf16 weights and KV/conv state (the recurrent state stays float32); training float32
+    report = {f"{name}_bytes_per_device": shard_bytes(part, 2 if mode != "train" and name == "params" else None)
+              for name, part in parts.items()}
+    if "decode_state" in parts:
+        report["decode_state_bytes_per_device"] = sum(
+            shard_bytes(leaf, 4 if name == "recurrent" else 2) for layer in parts["decode_state"]["layers"]
+            for name, leaf in layer.items()) + shard_bytes(parts["decode_state"]["lengths"])
     report["temp_bytes_per_device"] = int(getattr(memory, "temp_size_in_bytes", 0))
     report["total_bytes_per_device"] = sum(report.values())
     report.update({"fits": None if hbm is None else report["total_bytes_per_device"] <= hbm, "hbm_bytes": hbm,

@@ -49,6 +49,8 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 def make_mesh(spec: str | dict, devices=None) -> Mesh:
     """A mesh over `devices` (default: all) with axes in MESH_AXES order; missing axes have size 1."""
     sizes = parse_mesh_spec(spec) if isinstance(spec, str) else dict(spec)
+    if devices is None:
+        initialize_multihost()
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
     if math.prod(shape) != len(devices):
@@ -74,3 +76,23 @@ def variable_sharding(variable, mesh: Mesh) -> NamedSharding:
     value = variable.get_value()
     axes = variable.get_metadata().get("out_sharding") or (None,) * len(value.shape)
     return NamedSharding(mesh, logical_spec(tuple(axes), tuple(value.shape), mesh))
+
+
+def constrain_activations(x: jax.Array) -> jax.Array:
+    """Pins an activation [batch, ...] to batch-over-(data, fsdp), the rest replicated, when a mesh is in
+    context (`jax.set_mesh`); a no-op otherwise. Applied at decoder-layer boundaries."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def initialize_multihost() -> None:
+    """`jax.distributed.initialize()` when this process is one of several (a TPU pod slice, a SLURM or
+    Kubernetes job, or JAX_COORDINATOR_ADDRESS set); call it before building a mesh over all hosts."""
+    import os
+    multi = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()

@@ -13,6 +13,7 @@ from qwen35_jax.nn.gated_deltanet import GatedDeltaNet
 from qwen35_jax.nn.mlp import MLP
 from qwen35_jax.nn.moe import SparseMoe
 from qwen35_jax.nn.norms import RMSNorm
+from qwen35_jax.sharding import constrain_activations
 
 
 class Context(NamedTuple):
@@ -50,7 +51,7 @@ class DecoderLayer(nnx.Module):
             h, new_state = self.linear_attn(h, state, ctx.n_valid)
             state = new_state if state is not None else None
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), state
+        return constrain_activations(x + self.mlp(self.post_attention_layernorm(x))), state
 
 
 class DecoderPeriod(nnx.Module):
