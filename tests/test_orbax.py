@@ -5,7 +5,6 @@ import multiprocessing
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Sharded execution on 8 fake CPU devices equals the single-device run."""
 
-import re
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Tokenizers built in-process (byte-level BPE and SentencePiece) and the chat template against HF."""
 
-import json
 
 import pytest
 from conftest import CORPUS, SPECIAL
