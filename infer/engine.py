@@ -159,7 +159,6 @@ class Engine:
         yield from self._decode_loop(params, state, token, counts, seen, sampling)
 
     def _decode_loop(self, params, state, token, counts, seen, sampling):
-        len(params)
         rows = [_Row(p, self.tokenizer) for p in params]
         lengths = np.asarray(state["lengths"]).copy()
         for step in range(1, max(p.max_new_tokens for p in params) + 1):
