@@ -14,11 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-SLICES = [  # name, chips, HBM per chip, mesh
-    ("TPU v5p-64", 64, "95GiB", "expert=16,tensor=4"),
-    ("TPU v5p-256", 256, "95GiB", "fsdp=4,expert=16,tensor=4"),
-    ("TPU v5e-256", 256, "16GiB", "fsdp=4,expert=16,tensor=4"),
-    ("8x H200", 8, "141GiB", "expert=4,tensor=2"),
+SLICES = [  # name, chips, HBM per chip, {mode: mesh}: decode favours expert x tensor, training data parallelism
+    ("TPU v5p-64", 64, "95GiB", {"decode": "expert=16,tensor=4", "train": "fsdp=16,expert=4"}),
+    ("TPU v5p-256", 256, "95GiB", {"decode": "data=4,expert=16,tensor=4", "train": "fsdp=64,expert=4"}),
+    ("TPU v5e-256", 256, "16GiB", {"decode": "data=4,expert=16,tensor=4", "train": "fsdp=64,expert=4"}),
+    ("8x H200", 8, "141GiB", {"decode": "expert=4,tensor=2", "train": "fsdp=2,expert=4"}),
 ]
 MODELS = ["qwen3.5-35b-a3b", "qwen3.5-122b-a10b", "qwen3.5-397b-a17b"]
 MODES = [("decode", 64, 32768), ("train", 256, 4096)]
@@ -52,8 +52,9 @@ def main(argv=None):
              "| model | slice | mesh | mode | params GiB | opt/state GiB | temp GiB | total GiB | HBM | fits | "
              "compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in models:
-        for name, chips, hbm, mesh in SLICES:
+        for name, chips, hbm, meshes in SLICES:
             for mode, batch, seq in MODES:
+                mesh = meshes[mode]
                 r = dryrun(model, chips, hbm, mesh, mode, batch, seq)
                 if "error" in r:
                     row = f"| {model} | {name} | {mesh} | {mode} | error: {r['error']} |||||||"
