@@ -61,7 +61,7 @@ class Engine:
         self.mesh = mesh
         self._prefill = self._in_mesh(jax.jit(self._prefill_fn, donate_argnums=(1,)))
         self._decode = self._in_mesh(jax.jit(self._decode_fn, donate_argnums=(1, 3, 4)))
-        self._first_sample = jax.jit(self._sample_and_count)
+        self._first_sample = self._in_mesh(jax.jit(self._sample_and_count))
         self.last_state = None
 
     @classmethod
@@ -132,8 +132,9 @@ class Engine:
         """Yields a StreamEvent per generated token; text deltas never split a multi-byte character.
 
         `state`: a decode state from an earlier call (`engine.last_state`, for chat turns) that the prompts
-        continue. After the call, `engine.last_state` holds every token fed so far (all but the last
-        sampled token of each row).
+        continue; it is consumed (its buffers are donated). `engine.last_state` always holds the current
+        state: every token fed so far (all but the last sampled token of each row), even if the stream is
+        abandoned early. Repetition penalties see the tokens of this call only.
         """
         prompt_ids = [self._prompt_ids(p) for p in prompts]
         batch = len(prompt_ids)
@@ -143,13 +144,16 @@ class Engine:
         if state is None:
             state = init_decode_state(self.config, batch, self.max_len, self.model.dtype)
         start_lengths = np.asarray(state["lengths"])
+        if start_lengths.shape != (batch,):
+            raise ValueError(f"the decode state holds {start_lengths.shape[0]} rows but {batch} prompts were given")
         for i, ids in enumerate(prompt_ids):
-            if start_lengths[i] + len(ids) >= self.max_len:
+            if start_lengths[i] + len(ids) > self.max_len:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; with {start_lengths[i]} already in the state "
-                                 f"it needs more than max_len={self.max_len} (no room for a new token)")
+                                 f"that exceeds max_len={self.max_len}")
         seeds = [p.seed if p.seed is not None else np.random.SeedSequence().entropy % (2**31) for p in params]
         sampling = batch_arrays(params, seeds)
         logits, state = self._run_prefill(prompt_ids, state)
+        self.last_state = state
         vocab = self.config.vocab_size
         seen = np.zeros((batch, vocab), bool)
         for i, ids in enumerate(prompt_ids):
@@ -166,7 +170,7 @@ class Engine:
             for i, row in enumerate(rows):
                 if row.finish is None:
                     eos = () if row.params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
-                    text = row.accept(int(token_host[i]), eos, lengths[i] + 1 >= self.max_len)
+                    text = row.accept(int(token_host[i]), eos, lengths[i] >= self.max_len)
                     yield StreamEvent(i, text, int(token_host[i]), row.finish)
             if all(row.finish is not None for row in rows):
                 break
@@ -174,7 +178,7 @@ class Engine:
             lengths += active
             token, counts, seen, state = self._decode(self.params, state, token, counts, seen,
                                                       jnp.asarray(active), sampling, step)
-        self.last_state = state
+            self.last_state = state
 
     def _run_prefill(self, prompt_ids, state):
         """Chunked prefill of every row; returns (logits [B, V] after each row's prompt, state)."""

@@ -93,13 +93,14 @@ def run_interactive(engine: Engine, args, params: SamplingParams) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.prompt and not args.interactive:
-        build_parser().error("give --prompt TEXT (repeatable) or --interactive")
+        parser.error("give --prompt TEXT (repeatable) or --interactive")
     try:
         params = sampling_from_args(args)
         engine = Engine.load(args.model, dtype=args.dtype, max_len=args.max_len)
-        if (args.chat or args.interactive or args.prompt) and engine.tokenizer is None:
+        if engine.tokenizer is None:
             raise ValueError(f"{args.model}: no tokenizer.json or tokenizer.model; text prompts need one")
         if args.interactive:
             run_interactive(engine, args, params)

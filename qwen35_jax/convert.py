@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "keep"], default="bfloat16",
                         help="stored dtype of floating tensors (keep: as in the HF files)")
-    parser.add_argument("--resume", action="store_true", help="clear an interrupted conversion and redo it")
+    parser.add_argument("--resume", action="store_true",
+                        help="after an interrupted conversion: clear what it left and redo it (a plain rerun does "
+                             "the same; the flag is accepted so scripts can say what they mean)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--shard-size-gb", type=float, default=5.0, help="safetensors shard size (--to-hf)")
     args = parser.parse_args(argv)

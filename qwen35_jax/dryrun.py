@@ -71,7 +71,7 @@ def shard_bytes(abstract, float_bytes: int | None = None) -> int:
 
 
 def build_step(cfg, mesh, mode: str, batch: int, seq: int):
-    """(function, abstract args, in_shardings, {name: abstract part}) for one step of `mode`."""
+    """(step function, its abstract arguments, {part name: abstract pytree}) for one step of `mode`."""
     import jax
     import jax.numpy as jnp
     import optax

@@ -5,6 +5,7 @@ detokenizer for streaming that never splits a multi-byte character.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -106,6 +107,7 @@ def _eos_ids(folder: Path, backend, special: dict) -> tuple[int, ...]:
 _ENVIRONMENT = None
 
 
+@functools.lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
     """HF's environment: sandboxed, trim_blocks + lstrip_blocks, loop controls, a non-escaping tojson,
     raise_exception and strftime_now."""

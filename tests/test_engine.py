@@ -126,8 +126,8 @@ def test_seeded_sampling_is_reproducible_and_stop_tokens_stop(setup):
 def test_bad_input(setup):
     _, model = setup
     engine = Engine(model, max_len=64)
-    with pytest.raises(ValueError, match="max_len=64"):
-        engine.generate([list(range(64))])
+    with pytest.raises(ValueError, match="exceeds max_len=64"):
+        engine.generate([list(range(65))])
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([[]])
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 256\)"):
@@ -140,7 +140,8 @@ def test_generation_stops_when_the_state_is_full(setup):
     _, model = setup
     engine = Engine(model, max_len=16)
     result = engine.generate([list(range(10))], SamplingParams.greedy(max_new_tokens=50))[0]
-    assert result.finish_reason == "length" and len(result.token_ids) == 6
+    # every state slot is used: the prompt, then all generated tokens but the last (never fed back)
+    assert result.finish_reason == "length" and 10 + len(result.token_ids) - 1 == 16
 
 
 def test_engine_on_a_mesh_matches_single_device(hf_checkpoint):

@@ -9,6 +9,7 @@ scan period and of the mesh it was written on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -164,7 +165,6 @@ def read_metadata(path: str | Path) -> dict:
 def load_orbax(path: str | Path, dtype=jnp.float32, mesh=None, cfg: ModelConfig | None = None):
     """Restores a converted checkpoint as a `Qwen35` of `dtype`. With a mesh, every array is read straight
     into its target sharding (each device reads its own slice); per-layer arrays are then stacked on device."""
-    from qwen35_jax.nn.model import Qwen35  # noqa: F401  (for the graphdef)
     path = Path(path)
     cfg = cfg or ModelConfig.from_dict(read_metadata(path)["config"], where=str(path))
     graphdef, state, variables = abstract_model(cfg, dtype)
@@ -190,11 +190,16 @@ def load_orbax(path: str | Path, dtype=jnp.float32, mesh=None, cfg: ModelConfig 
         if pieces[0][0] is None:
             value = values[0]
         else:
-            sharding = None if mesh is None else variable_sharding(variables[p], mesh)
-            value = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*values)
+            value = _stacker(None if mesh is None else variable_sharding(variables[p], mesh))(*values)
         assert value.shape == target.shape, (p, value.shape, target.shape)
         variables[p].set_value(value)
     return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=None)
+def _stacker(sharding):
+    """One jitted `stack` per target sharding (jit then caches per shape)."""
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
 
 
 def _slice_sharding(variable, mesh, rule: Rule):

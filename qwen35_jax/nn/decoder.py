@@ -49,7 +49,7 @@ class DecoderLayer(nnx.Module):
             h, state = self.self_attn(h, ctx, state)
         else:
             h, new_state = self.linear_attn(h, state, ctx.n_valid)
-            state = new_state if state is not None else None
+            state = None if state is None else new_state  # without a decode state, nothing is carried
         x = x + h
         return constrain_activations(x + self.mlp(self.post_attention_layernorm(x))), state
 
