@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from benchmarks.common import median_seconds, print_table, same_weights
+from qwen35_jax.hf_reference import random_checkpoint
+from benchmarks.common import median_seconds, print_table
 from qwen35_jax import load_model
 
 
@@ -33,7 +34,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
-    hf, folder = same_weights(args.config)
+    hf, folder = random_checkpoint(args.config)
     model = load_model(folder, dtype="float32")
     forward, state = jit_forward(model)
     vocab = model.config.vocab_size

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import torch
 
-from benchmarks.common import median_seconds, print_table, same_weights
+from qwen35_jax.hf_reference import random_checkpoint
+from benchmarks.common import median_seconds, print_table
 from infer import Engine, SamplingParams
 from qwen35_jax import load_model
 
@@ -58,7 +59,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    hf, folder = same_weights(args.config)
+    hf, folder = random_checkpoint(args.config)
     model = load_model(folder, dtype="float32")
     vocab = model.config.vocab_size
     rows = []

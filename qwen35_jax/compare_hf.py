@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -47,12 +46,6 @@ def compare(hf_dir: str | Path, dtype: str = "float32", seq_len: int = 64, batch
     }
 
 
-def build_tiny(preset: str) -> Path:
-    from qwen35_jax.hf_reference import build_hf_model, save_hf_model
-    folder = Path(tempfile.mkdtemp(prefix=f"qwen35-{preset}-"))
-    return save_hf_model(build_hf_model(preset), folder)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compare our logits with HF transformers' logits.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -67,7 +60,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.seq_len < 1 or args.batch < 1:
         parser.error("--seq-len and --batch must be >= 1")
-    hf_dir = args.hf_dir or build_tiny(args.tiny)
+    if args.tiny:
+        from qwen35_jax.hf_reference import random_checkpoint
+        hf_dir = random_checkpoint(args.tiny)[1]
+    else:
+        hf_dir = args.hf_dir
     result = compare(hf_dir, args.dtype, args.seq_len, args.batch, args.seed)
     if args.tolerance is not None:
         result["tolerance"] = args.tolerance

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,18 +18,14 @@ import torch  # noqa: E402
 from transformers import (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig,  # noqa: E402
                           Qwen3_5TextConfig)
 
-from qwen35_jax.config import PRESET_DIR  # noqa: E402
+from qwen35_jax.config import _read_source  # noqa: E402
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def hf_text_config(source: str | dict, **overrides):
     """An HF text config from a preset name / path / dict (architectures and model_type dropped)."""
-    if isinstance(source, dict):
-        data = dict(source)
-    else:
-        path = Path(source) if Path(source).exists() else PRESET_DIR / f"{source}.json"
-        data = json.loads(path.read_text())
+    data = dict(_read_source(source)[0])
     data.update(overrides)
     data.pop("architectures", None)
     moe = data.pop("model_type", "").startswith("qwen3_5_moe") or "num_experts" in data
@@ -53,6 +50,13 @@ def save_hf_model(model, folder: Path, max_shard_size: str | None = None) -> Pat
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return folder
+
+
+def random_checkpoint(source: str | dict, seed: int = 0, **overrides):
+    """(seeded random HF model, temporary folder holding its save_pretrained files)."""
+    model = build_hf_model(source, seed=seed, **overrides)
+    folder = Path(tempfile.mkdtemp(prefix="qwen35-random-"))
+    return model, save_hf_model(model, folder)
 
 
 def load_hf_model(folder: str | Path, dtype: str = "float32"):
