@@ -24,6 +24,15 @@ class Context(NamedTuple):
     mask: jax.Array                 # bool [B or 1, L, S]: query t may see key s
     starts: jax.Array | None = None   # int [B]: tokens already in the decode state (None: no state)
     n_valid: jax.Array | None = None  # int [B]: real tokens of this call per row (rest: right padding)
+    segment_ids: jax.Array | None = None  # int [B, L]: packed documents (GDN state restarts at each start)
+    token_mask: jax.Array | None = None   # [B, L] 1 = real token: MoE layers return router stats (training)
+
+
+def add_stats(total: dict | None, stats: dict | None) -> dict | None:
+    """Sums two router-stats dicts (`ops.moe.router_stats`); None is the empty sum."""
+    if total is None or stats is None:
+        return stats if total is None else total
+    return jax.tree.map(lambda a, b: a + b, total, stats)
 
 
 class DecoderLayer(nnx.Module):
@@ -42,16 +51,22 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
 
-    def __call__(self, x: jax.Array, ctx: Context, state: dict | None = None) -> tuple[jax.Array, dict | None]:
-        """x: [B, L, H] -> ([B, L, H], the layer's new decode state or None)."""
+    def __call__(self, x: jax.Array, ctx: Context, state: dict | None = None):
+        """x: [B, L, H] -> ([B, L, H], the layer's new decode state or None, router stats or None)."""
         h = self.input_layernorm(x)
         if self.layer_type == "full_attention":
             h, state = self.self_attn(h, ctx, state)
         else:
-            h, new_state = self.linear_attn(h, state, ctx.n_valid)
+            h, new_state = self.linear_attn(h, state, ctx.n_valid, ctx.segment_ids)
             state = None if state is None else new_state  # without a decode state, nothing is carried
         x = x + h
-        return constrain_activations(x + self.mlp(self.post_attention_layernorm(x))), state
+        h = self.post_attention_layernorm(x)
+        stats = None
+        if ctx.token_mask is not None and isinstance(self.mlp, SparseMoe):
+            h, stats = self.mlp(h, ctx.token_mask)
+        else:
+            h = self.mlp(h)
+        return constrain_activations(x + h), state, stats
 
 
 class DecoderPeriod(nnx.Module):
@@ -61,12 +76,15 @@ class DecoderPeriod(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, t, dtype, rngs) for t in cfg.period])
 
     def __call__(self, x, ctx: Context, states: list | None = None):
-        """states: one decode state per layer of the period, or None. Returns (x, new states or None)."""
-        new_states = []
+        """states: one decode state per layer of the period, or None.
+
+        Returns (x, new states or None, the period's summed router stats or None)."""
+        new_states, total = [], None
         for j, layer in enumerate(self.layers):
-            x, state = layer(x, ctx, None if states is None else states[j])
+            x, state, stats = layer(x, ctx, None if states is None else states[j])
             new_states.append(state)
-        return x, (None if states is None else new_states)
+            total = add_stats(total, stats)
+        return x, (None if states is None else new_states), total
 
 
 REMAT_POLICIES = {
@@ -101,7 +119,8 @@ class Decoder(nnx.Module):
     def __call__(self, x: jax.Array, ctx: Context, states: list | None = None):
         """x: [B, L, H]; states: the decode state's "layers" (stacked per period) or None.
 
-        Returns (x, new states or None)."""
+        Returns (x, new states or None, router stats summed over all MoE layers or None: present when
+        ctx.token_mask is set and the model is MoE)."""
         def run(period, x, states):
             return period(x, ctx, states)
 
@@ -110,12 +129,16 @@ class Decoder(nnx.Module):
         if self.num_periods == 1:
             return run(self.periods, x, states)
         if states is None:
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
             def scan_plain(period, x):
-                return run(period, x, None)[0]
-            return scan_plain(self.periods, x), None
+                x, _, stats = run(period, x, None)
+                return x, stats
+            x, stats = scan_plain(self.periods, x)
+            return x, None, jax.tree.map(lambda a: a.sum(0), stats)
 
         @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
         def scan_with_state(period, x, states):
-            return run(period, x, states)
-        return scan_with_state(self.periods, x, states)
+            x, states, _ = run(period, x, states)
+            return x, states
+        x, states = scan_with_state(self.periods, x, states)
+        return x, states, None

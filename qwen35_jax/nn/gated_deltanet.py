@@ -40,24 +40,27 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = param(rngs, (nv, dv, h), ("heads", "head_dim", "embed"), dtype)
         self.heads_per_key = nv // nk
 
-    def _conv_silu(self, x, proj, conv, state, n_valid):
+    def _conv_silu(self, x, proj, conv, state, n_valid, segment_ids):
         """x @ proj, then causal conv + SiLU. Returns ([B, L, heads, d] in x's dtype, new conv state)."""
-        y, state = causal_conv1d(jnp.einsum("blh,hnd->blnd", x, proj[...]), conv[...], state, n_valid)
+        y, state = causal_conv1d(jnp.einsum("blh,hnd->blnd", x, proj[...]), conv[...], state, n_valid,
+                                 segment_ids)
         return jax.nn.silu(y.astype(jnp.float32)).astype(x.dtype), state
 
-    def __call__(self, x: jax.Array, state: dict | None = None, n_valid: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, state: dict | None = None, n_valid: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """x: [B, L, H] -> ([B, L, H], new state).
 
         state: None (start from zeros) or {"conv_q", "conv_k", "conv_v": [B, K-1, heads, d] (x's dtype),
         "recurrent": [B, heads, dk, dv] float32}. n_valid: int [B], real tokens per row (right padding
         after them gets beta = 0 and g = 0, so it leaves the recurrent state as it was). A single token
-        (L == 1) takes the one-step recurrence, longer inputs the chunked form.
+        (L == 1) takes the one-step recurrence, longer inputs the chunked form. segment_ids: int [B, L] or
+        None: packed documents; the conv and recurrent states restart at each segment start.
         """
         state = state or {}
-        q, conv_q = self._conv_silu(x, self.in_proj_q, self.conv_q, state.get("conv_q"), n_valid)
-        k, conv_k = self._conv_silu(x, self.in_proj_k, self.conv_k, state.get("conv_k"), n_valid)
-        v, conv_v = self._conv_silu(x, self.in_proj_v, self.conv_v, state.get("conv_v"), n_valid)
+        conv_args = (n_valid, segment_ids)
+        q, conv_q = self._conv_silu(x, self.in_proj_q, self.conv_q, state.get("conv_q"), *conv_args)
+        k, conv_k = self._conv_silu(x, self.in_proj_k, self.conv_k, state.get("conv_k"), *conv_args)
+        v, conv_v = self._conv_silu(x, self.in_proj_v, self.conv_v, state.get("conv_v"), *conv_args)
         z = jnp.einsum("blh,hnd->blnd", x, self.in_proj_z[...])
         beta = jax.nn.sigmoid(x @ self.in_proj_b[...])
         a = (x @ self.in_proj_a[...]).astype(jnp.float32)
@@ -74,7 +77,8 @@ class GatedDeltaNet(nnx.Module):
             out, recurrent = gated_delta_step(state["recurrent"], q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
             out = out[:, None]
         else:
-            out, recurrent = gated_delta_rule_chunked(q, k, v, g, beta, state.get("recurrent"))
+            out, recurrent = gated_delta_rule_chunked(q, k, v, g, beta, state.get("recurrent"),
+                                                      segment_ids=segment_ids)
         out = self.norm(out.astype(x.dtype), z)
         new_state = {"conv_q": conv_q, "conv_k": conv_k, "conv_v": conv_v, "recurrent": recurrent}
         return jnp.einsum("blnd,ndh->blh", out, self.out_proj[...]), new_state

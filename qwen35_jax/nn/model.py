@@ -39,12 +39,30 @@ class Qwen35(nnx.Module):
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """input_ids: int [B, L] -> final-normed hidden states [B, L, H] (no decode state)."""
+        return self.train_hidden_states(input_ids, positions)[0]
+
+    def train_hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                            segment_ids: jax.Array | None = None, router_stats: bool = False):
+        """The training forward. input_ids: int [B, L]; positions: int [B, L] or [3, B, L] (default 0..L-1);
+        segment_ids: int [B, L] or None: packed documents (attention stays within a segment, GDN conv and
+        recurrent states restart at each segment start; id 0 marks padding, which no router stat counts).
+
+        Returns (final-normed hidden states [B, L, H], router stats summed over MoE layers or None): see
+        `ops.moe.router_stats`; requested by router_stats=True and only for MoE models.
+        """
         batch, seq = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         cos, sin = self.rope(positions)
-        x, _ = self.decoder(self.embed(input_ids), Context(cos, sin, causal_mask(seq)[None]))
-        return self.norm(x)
+        mask = causal_mask(seq)[None]
+        token_mask = None
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if router_stats:
+            token_mask = jnp.ones((batch, seq)) if segment_ids is None else (segment_ids != 0)
+        ctx = Context(cos, sin, mask, segment_ids=segment_ids, token_mask=token_mask)
+        x, _, stats = self.decoder(self.embed(input_ids), ctx)
+        return self.norm(x), stats
 
     def forward_with_state(self, input_ids: jax.Array, state: dict, n_valid: jax.Array | None = None
                            ) -> tuple[jax.Array, dict]:
@@ -62,7 +80,7 @@ class Qwen35(nnx.Module):
         max_len = state_max_len(state)
         mask = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
         ctx = Context(cos, sin, mask, starts, n_valid)
-        x, layers = self.decoder(self.embed(input_ids), ctx, state["layers"])
+        x, layers, _ = self.decoder(self.embed(input_ids), ctx, state["layers"])
         return self.norm(x), {"lengths": starts + n_valid, "layers": layers}
 
     def embed(self, input_ids: jax.Array) -> jax.Array:

@@ -6,7 +6,7 @@ from flax import nnx
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.mlp import MLP
 from qwen35_jax.nn.params import param
-from qwen35_jax.ops.moe import expert_parallel_mesh, moe_experts, moe_experts_parallel, route
+from qwen35_jax.ops.moe import expert_parallel_mesh, moe_experts, moe_experts_parallel, route, router_stats
 
 
 class SparseMoe(nnx.Module):
@@ -20,10 +20,15 @@ class SparseMoe(nnx.Module):
         self.top_k = cfg.num_experts_per_tok
         self.backend = cfg.moe_backend
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, seq, H] -> [batch, seq, H]."""
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None):
+        """x: [batch, seq, H] -> [batch, seq, H].
+
+        With token_mask ([batch, seq], 1 = real token) it returns (output, `router_stats` of this layer),
+        what the load-balancing and z losses are built from.
+        """
         tokens = x.reshape(-1, x.shape[-1])
-        weights, ids = route(tokens @ self.router[...], self.top_k)
+        logits = tokens @ self.router[...]
+        weights, ids = route(logits, self.top_k)
         w1, w2 = self.experts_gate_up[...], self.experts_down[...]
         mesh = expert_parallel_mesh(w1.shape[0], w1.shape[-1])
         if mesh is None:
@@ -31,4 +36,7 @@ class SparseMoe(nnx.Module):
         else:
             routed = moe_experts_parallel(tokens, weights, ids, w1, w2, mesh, self.backend)
         shared = self.shared_expert(tokens) * jax.nn.sigmoid(tokens @ self.shared_expert_gate[...])
-        return (routed + shared).reshape(x.shape)
+        out = (routed + shared).reshape(x.shape)
+        if token_mask is None:
+            return out
+        return out, router_stats(logits, ids, token_mask.reshape(-1))

@@ -5,12 +5,15 @@ import jax.numpy as jnp
 
 
 def causal_conv1d(x: jax.Array, weight: jax.Array, state: jax.Array | None = None,
-                  n_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  n_valid: jax.Array | None = None, segment_ids: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
     """Depthwise causal cross-correlation: `y[t] = sum_j w[j] * x[t - (K-1) + j]` per channel.
 
     x: [batch, seq, *channels]; weight: [K, *channels] (w[K-1] multiplies the current token);
     state: [batch, K-1, *channels], the previous K-1 inputs (zeros when None);
     n_valid: int [batch], how many leading positions of each row are real (the rest is right padding).
+    segment_ids: int [batch, seq] or None: packed documents; a token never sees inputs of an earlier segment
+    (nor the carried state, once its row has started a new segment).
     Returns y: [batch, seq, *channels] in x's dtype (accumulated in float32) and the new state
     [batch, K-1, *channels]: the last K-1 real inputs of each row (padding never enters it).
     """
@@ -20,7 +23,12 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, state: jax.Array | None = Non
         state = jnp.zeros((batch, kernel - 1, *x.shape[2:]), x.dtype)
     padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
     w = weight.astype(jnp.float32)
-    y = sum(padded[:, j:j + seq].astype(jnp.float32) * w[j] for j in range(kernel))
+    taps = [padded[:, j:j + seq].astype(jnp.float32) * w[j] for j in range(kernel)]
+    if segment_ids is not None:
+        ids = jnp.pad(segment_ids, ((0, 0), (kernel - 1, 0)), mode="edge")
+        expand = (slice(None), slice(None)) + (None,) * (x.ndim - 2)
+        taps = [jnp.where((ids[:, j:j + seq] == segment_ids)[expand], tap, 0.0) for j, tap in enumerate(taps)]
+    y = sum(taps)
     if n_valid is None:
         new_state = padded[:, seq:]
     else:

@@ -32,13 +32,24 @@ def _zero_state(q, v):
     return jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
 
 
-def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None):
-    """Token-by-token `lax.scan` over the sequence (the test oracle). Returns (out, final_state)."""
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """segment_ids: int [B, L] -> bool [B, L], True where a token starts a new segment (never at t = 0)."""
+    return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None, segment_ids=None):
+    """Token-by-token `lax.scan` over the sequence (the test oracle). Returns (out, final_state).
+
+    segment_ids: int [B, L] or None; the state restarts from zero at each token whose id differs from the
+    previous token's (packed documents).
+    """
     state = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
-    time_major = [jnp.moveaxis(t, 1, 0) for t in (q, k, v, g, beta)]
+    keep = jnp.ones(q.shape[:2], jnp.float32) if segment_ids is None else 1.0 - segment_starts(segment_ids)
+    time_major = [jnp.moveaxis(t, 1, 0) for t in (q, k, v, g, beta, keep)]
 
     def step(s, inputs):
-        out, s = gated_delta_step(s, *inputs)
+        *inputs, keep_t = inputs
+        out, s = gated_delta_step(s * keep_t[:, None, None, None], *inputs)
         return s, out
 
     state, out = jax.lax.scan(step, state, time_major)
@@ -72,13 +83,28 @@ def _unit_lower_inverse(a, base=16):
     return jnp.concatenate([top, jnp.concatenate([t21, t22], -1)], -2)
 
 
-def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size=CHUNK_SIZE):
+def _segment_masks(segment_ids, n_chunks, chunk):
+    """segment_ids [B, L] -> (same [B, 1, N, C, C]: tokens i, j of a chunk share a segment;
+    carry [B, 1, N, C]: token i continues the segment the previous chunk ended in), float32.
+
+    The first chunk "continues" its first token's segment, so an initial state flows into it.
+    """
+    pad = n_chunks * chunk - segment_ids.shape[1]
+    ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), mode="edge").reshape(-1, 1, n_chunks, chunk)
+    previous = jnp.concatenate([ids[:, :, :1, :1], ids[:, :, :-1, -1:]], axis=2)  # [B, 1, N, 1]
+    same = ids[..., :, None] == ids[..., None, :]
+    return same.astype(jnp.float32), (ids == previous).astype(jnp.float32)
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size=CHUNK_SIZE, segment_ids=None):
     """Chunkwise-parallel form (UT transform per chunk, `lax.scan` over chunks). Returns (out, final_state).
 
     Within a chunk, with gamma = cumsum(g) and Gamma[i, j] = exp(gamma_i - gamma_j) (j <= i):
     M = I + strict_lower((k*beta) k^T * Gamma); U = M^-1 (v*beta); W = M^-1 (k*beta*exp(gamma)).
     Across chunks: V' = U - W S; O = (q*exp(gamma)) S + tril(q k^T * Gamma) V'; S <- exp(gamma_C) S + k~^T V'.
     Zero padding to a multiple of the chunk size changes neither outputs nor the final state.
+    segment_ids: int [B, L] or None: packed documents; every decay factor spanning a segment start is
+    zeroed (Gamma by `same`, decays from the chunk start by `carry`), which restarts the state there.
     """
     b, seq, heads, _ = q.shape
     chunk = chunk_size
@@ -87,17 +113,23 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size=CH
     gamma = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
     lower = jnp.tril(jnp.ones((chunk, chunk), bool))
     decay = jnp.exp(jnp.where(lower, gamma[..., :, None] - gamma[..., None, :], -jnp.inf))
+    from_start = jnp.exp(gamma)  # [B, H, N, C]: decay since the chunk's start
+    gamma_last = gamma[..., -1]
+    to_end = jnp.exp(gamma_last[..., None] - gamma)  # decay from each token to the chunk's end
+    chunk_decay = jnp.exp(gamma_last)
+    if segment_ids is not None:
+        same, carry = _segment_masks(segment_ids, n_chunks, chunk)
+        decay, from_start = decay * same, from_start * carry
+        to_end, chunk_decay = to_end * same[..., -1, :], chunk_decay * carry[..., -1]
     k_beta = k * beta[..., None]
     strict = jnp.einsum("...id,...jd->...ij", k_beta, k) * decay * (1.0 - jnp.eye(chunk))
-    rhs = jnp.concatenate([v * beta[..., None], k_beta * jnp.exp(gamma)[..., None]], axis=-1)
+    rhs = jnp.concatenate([v * beta[..., None], k_beta * from_start[..., None]], axis=-1)
     solved = _unit_lower_inverse(strict) @ rhs
     dv = v.shape[-1]
     new_values, decayed_keys = solved[..., :dv], solved[..., dv:]
     intra = jnp.einsum("...id,...jd->...ij", q, k) * decay
-    q_decayed = q * jnp.exp(gamma)[..., None]
-    gamma_last = gamma[..., -1]
-    k_decayed = k * jnp.exp(gamma_last[..., None] - gamma)[..., None]
-    chunk_decay = jnp.exp(gamma_last)
+    q_decayed = q * from_start[..., None]
+    k_decayed = k * to_end[..., None]
 
     def step(state, xs):
         u, w, qd, kd, p, lam = xs

@@ -21,6 +21,20 @@ def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     return weights.astype(logits.dtype), ids.astype(jnp.int32)
 
 
+def router_stats(logits: jax.Array, ids: jax.Array, token_mask: jax.Array) -> dict:
+    """Sums over the real tokens that the MoE auxiliary losses are built from (one layer).
+
+    logits: [tokens, E] router logits; ids: int [tokens, top_k] chosen experts; token_mask: [tokens] (1 =
+    real token, 0 = padding). Returns float32 {"load": [E] top-k assignments per expert, "prob": [E] summed
+    softmax probabilities, "z": sum of logsumexp(logits)^2, "tokens": number of real tokens}.
+    """
+    logits = logits.astype(jnp.float32)
+    mask = token_mask.astype(jnp.float32)
+    one_hot = jax.nn.one_hot(ids, logits.shape[-1], dtype=jnp.float32).sum(axis=1)
+    return {"load": mask @ one_hot, "prob": mask @ jax.nn.softmax(logits, axis=-1),
+            "z": mask @ jnp.square(jax.nn.logsumexp(logits, axis=-1)), "tokens": jnp.sum(mask)}
+
+
 def swiglu(h: jax.Array) -> jax.Array:
     """h: [..., 2, I] (gate, up) -> silu(gate) * up: [..., I]."""
     return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]

@@ -1,0 +1,131 @@
+"""Fine-tuning run configuration: a YAML file of known keys, plus `key=value` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+
+class TrainConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # what to train
+    model: str = "tiny-moe"                  # preset name (random init), HF folder or Orbax checkpoint
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # config fields (random init only)
+    tokenizer: str | None = None             # folder; default: the model folder (or its Orbax assets)
+    train_data: list = dataclasses.field(default_factory=list)  # JSON-lines files
+    eval_data: list = dataclasses.field(default_factory=list)
+    seq_len: int = 512                       # packed row length
+    overflow: str = "split"                  # documents longer than seq_len: "split" or "reject"
+    add_eos: bool = True                     # append EOS to plain-text documents
+    # optimisation
+    steps: int = 100
+    batch_size: int = 8                      # rows per optimizer step (global, all micro-batches)
+    grad_accum: int = 1                      # micro-batches per step (batch_size % grad_accum == 0)
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1                # cosine decay ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.1                # matrices only (no decay on norms and 1-D params)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0               # global-norm clipping (0: off)
+    router_aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
+    router_z_loss_coef: float = 0.0
+    frozen: list = dataclasses.field(default_factory=list)  # regexes over parameter names
+    # numerics and memory
+    param_dtype: str = "float32"             # master weights
+    compute_dtype: str = "float32"           # matrices cast to this for the forward/backward
+    remat: str = "none"                      # none | full | dots
+    scan_layers: bool = True
+    loss_chunk: int = 4096                   # tokens per cross-entropy block (0: all at once)
+    mesh: str | None = None                  # e.g. "fsdp=2,expert=2,tensor=2" (None: one device)
+    seed: int = 0
+    # run bookkeeping
+    output_dir: str = "runs/default"
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    export_hf: str | None = None             # folder for an HF export of the final weights
+
+    def __post_init__(self):
+        _check(self)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+        """Reads a YAML file (None: defaults) and applies `key=value` overrides (values parsed as YAML)."""
+        raw = {}
+        if path is not None:
+            path = Path(path)
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise TrainConfigError(f"{path}: cannot read the training config: {e}") from None
+            if not isinstance(raw, dict):
+                raise TrainConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise TrainConfigError(f"override {item!r}: expected key=value")
+            raw[key.strip()] = yaml.safe_load(value)
+        return cls.from_dict(raw, where=str(path) if path else "overrides")
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config") -> TrainConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise TrainConfigError(f"{where}: unknown config key(s) {unknown}; known keys: {sorted(fields)}")
+        values = {}
+        for key, value in raw.items():
+            if key in ("train_data", "eval_data", "frozen") and isinstance(value, str):
+                value = [value]
+            if key in fields and "float" in str(fields[key].type) and isinstance(value, str):
+                try:  # YAML 1.1 reads "3e-4" as a string
+                    value = float(value)
+                except ValueError:
+                    pass
+            values[key] = value
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise TrainConfigError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "dict": dict}
+
+
+def _check(c: TrainConfig) -> None:
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        allowed = tuple(t for k in kinds if k in _TYPES for t in
+                        (_TYPES[k] if isinstance(_TYPES[k], tuple) else (_TYPES[k],)))
+        ok = (value is None and "None" in kinds) or (isinstance(value, allowed) and
+                                                     not (isinstance(value, bool) and bool not in allowed))
+        if not ok:
+            raise TrainConfigError(f"config key {f.name!r}: expected {f.type}, got {value!r}")
+    choices = {"overflow": ("split", "reject"), "remat": ("none", "full", "dots"),
+               "param_dtype": ("float32", "bfloat16"), "compute_dtype": ("float32", "bfloat16")}
+    for key, allowed in choices.items():
+        if getattr(c, key) not in allowed:
+            raise TrainConfigError(f"config key {key!r}: {getattr(c, key)!r} is not one of {list(allowed)}")
+    positive = ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep_checkpoints", "eval_every",
+                "eval_batches", "log_every")
+    for key in positive:
+        if getattr(c, key) <= 0:
+            raise TrainConfigError(f"config key {key!r}: expected a positive integer, got {getattr(c, key)}")
+    if c.batch_size % c.grad_accum:
+        raise TrainConfigError(f"batch_size={c.batch_size} is not a multiple of grad_accum={c.grad_accum}")
+    if c.seq_len < 2:
+        raise TrainConfigError(f"seq_len={c.seq_len}: need at least 2 tokens per row")

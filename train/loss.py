@@ -1,0 +1,46 @@
+"""Training losses: next-token cross-entropy (chunked over tokens) and the MoE router losses."""
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100  # HF's ignore label (only used by tests / converters; batches carry a loss_mask)
+
+
+def cross_entropy_sum(hidden: jax.Array, head, targets: jax.Array, mask: jax.Array, chunk: int = 0) -> jax.Array:
+    """Sum over counted tokens of -log softmax(head(hidden))[target], float32.
+
+    hidden: [B, L, H]; head: callable [..., H] -> [..., vocab] logits; targets: int [B, L]; mask: [B, L] (1 =
+    counted). chunk > 0 computes the logits `chunk` tokens at a time under remat, so the [tokens, vocab]
+    logits (and their gradient) never exist at once (what 248K-vocabulary models need); 0 = in one go.
+    """
+    tokens = hidden.reshape(-1, hidden.shape[-1])
+    targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
+
+    def block_loss(h, t, m):
+        logits = head(h).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m)
+
+    n = tokens.shape[0]
+    if chunk <= 0 or chunk >= n:
+        return block_loss(tokens, targets, mask)
+    blocks = -(-n // chunk)
+    pad = blocks * chunk - n
+    tokens = jnp.pad(tokens, ((0, pad), (0, 0))).reshape(blocks, chunk, -1)
+    targets = jnp.pad(targets, (0, pad)).reshape(blocks, chunk)
+    mask = jnp.pad(mask, (0, pad)).reshape(blocks, chunk)
+    step = jax.checkpoint(lambda total, xs: (total + block_loss(*xs), None))
+    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (tokens, targets, mask))
+    return total
+
+
+def load_balancing_loss(stats: dict, num_experts: int) -> jax.Array:
+    """Switch-style auxiliary loss as HF's `load_balancing_loss_func`, from router stats summed over all
+    MoE layers (`ops.moe.router_stats`): E * sum_e (load_e / N) * (prob_e / N), N = real tokens x layers."""
+    n = stats["tokens"]
+    return num_experts * jnp.sum((stats["load"] / n) * (stats["prob"] / n))
+
+
+def router_z_loss(stats: dict) -> jax.Array:
+    """ST-MoE router z-loss: mean over real tokens and MoE layers of logsumexp(router logits)^2."""
+    return stats["z"] / stats["tokens"]

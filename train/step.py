@@ -1,0 +1,160 @@
+"""The jitted training and evaluation steps, with their shardings (FSDP + expert + tensor)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from qwen35_jax.loading import resolve_dtype
+from qwen35_jax.nn.model import Qwen35
+from qwen35_jax.sharding import logical_spec, variable_sharding
+from train.loss import cross_entropy_sum, load_balancing_loss, router_z_loss
+from train.optim import is_variable, learning_rate_schedule, make_optimizer, matrix_mask, plain_values
+
+BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
+
+
+class Trainer:
+    """Training for one model + config: `state = trainer.init_state()`, then
+    `state, metrics = trainer.train_step(state, trainer.put_batch(batch))`.
+
+    The state is a dict {"params": float32 (param_dtype) arrays as nnx State, "opt_state": optax state,
+    "step": int32 scalar, "rng": uint32 key data}. A batch is a dict of [batch_size, seq_len] arrays
+    (`train.data`): input_ids, positions, segment_ids (0 = padding), targets, loss_mask.
+    """
+
+    def __init__(self, model: Qwen35, tc, mesh: jax.sharding.Mesh | None = None):
+        self.config, self.tc, self.mesh = model.config, tc, mesh
+        self.graphdef, variables = nnx.split(model)
+        self.variables = jax.tree.map(lambda v: v, variables, is_leaf=is_variable)
+        self.tx = make_optimizer(tc, variables)
+        self.schedule = learning_rate_schedule(tc)
+        self.compute_dtype = resolve_dtype(tc.compute_dtype)
+        self.cast_mask = matrix_mask(variables)
+        coef = tc.router_aux_loss_coef
+        self.aux_coef = self.config.router_aux_loss_coef if coef is None else coef
+        self._params = plain_values(variables)
+        if mesh is None:
+            self.param_shardings = None
+        else:
+            self.param_shardings = jax.tree.map(lambda v: variable_sharding(v, mesh), variables, is_leaf=is_variable)
+        self._train_step = self._eval_step = None
+
+    # ----- state -----
+    def init_state(self, params=None) -> dict:
+        """A fresh state (step 0) from `params` (default: the model's own parameters), placed by the rules."""
+        params = self._params if params is None else params
+        if self.mesh is not None:
+            params = jax.device_put(params, self.param_shardings)
+        opt_state = jax.jit(self.tx.init)(params)
+        rng = jax.random.key_data(jax.random.key(self.tc.seed))
+        return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": rng}
+
+    def model(self, params) -> Qwen35:
+        """The nnx model holding `params` (e.g. the trained ones, for generation)."""
+        return nnx.merge(self.graphdef, params)
+
+    # ----- batches -----
+    def batch_sharding(self, shape) -> jax.sharding.Sharding | None:
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, logical_spec(("batch",) + (None,) * (len(shape) - 1), shape, self.mesh))
+
+    def put_batch(self, batch: dict) -> dict:
+        """Host numpy batch -> device arrays, rows split over the mesh's data/fsdp axes. With several processes,
+        each passes the whole global batch and contributes the rows its devices hold."""
+        out = {}
+        for key in BATCH_KEYS:
+            value = np.asarray(batch[key])
+            sharding = self.batch_sharding(value.shape)
+            if sharding is None:
+                out[key] = jnp.asarray(value)
+            else:
+                out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
+        return out
+
+    # ----- loss -----
+    def _cast(self, params):
+        """Matrices to the compute dtype (master copies stay in params); norms and 1-D params stay float32."""
+        return jax.tree.map(lambda p, m: p.astype(self.compute_dtype) if m else p, params, self.cast_mask)
+
+    def loss_terms(self, params, batch: dict, n_counted) -> tuple[jax.Array, dict]:
+        """(objective, metrics) of one (micro-)batch; the cross-entropy term is summed and divided by
+        n_counted (all counted tokens of the optimizer step), so micro-batch objectives add up exactly."""
+        model = nnx.merge(self.graphdef, self._cast(params))
+        hidden, stats = model.train_hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
+                                                  router_stats=self.config.is_moe)
+        ce = cross_entropy_sum(hidden, model.logits, batch["targets"], batch["loss_mask"], self.tc.loss_chunk)
+        metrics = {"ce_sum": ce}
+        objective = ce / n_counted
+        if stats is not None:
+            metrics["aux_loss"] = load_balancing_loss(stats, self.config.num_experts)
+            metrics["z_loss"] = router_z_loss(stats)
+            objective = objective + (self.aux_coef * metrics["aux_loss"] + self.tc.router_z_loss_coef *
+                                     metrics["z_loss"]) / self.tc.grad_accum
+        return objective, metrics
+
+    def grads(self, params, batch: dict) -> tuple[dict, dict]:
+        """Gradients of the step objective (mean cross-entropy + router losses), accumulated over
+        tc.grad_accum micro-batches. Returns (grads, metrics)."""
+        accum = self.tc.grad_accum
+        n_counted = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        grad_fn = jax.grad(self.loss_terms, has_aux=True)
+
+        def body(carry, mb):
+            grads, sums = carry
+            g, metrics = grad_fn(params, mb, n_counted)
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, metrics)), None
+
+        zero_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), n_counted)[1])
+        init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
+        if accum == 1:
+            (grads, sums), _ = body(init, jax.tree.map(lambda x: x[0], micro))
+        else:
+            (grads, sums), _ = jax.lax.scan(body, init, micro)
+        metrics = {"loss": sums.pop("ce_sum") / n_counted, "tokens": n_counted}
+        metrics.update({k: v / accum for k, v in sums.items()})
+        return grads, metrics
+
+    # ----- steps -----
+    def _step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        grads, metrics = self.grads(state["params"], batch)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = self.schedule(state["step"])
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": state["step"] + finite.astype(jnp.int32), "rng": state["rng"]}
+        return new_state, metrics
+
+    def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer step (jitted, the state donated). A non-finite loss or gradient leaves the state
+        unchanged (the caller stops the run: metrics["loss"] is not finite)."""
+        if self._train_step is None:
+            shardings = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, state)
+            self._train_step = jax.jit(self._step, donate_argnums=0,
+                                       out_shardings=None if shardings is None else (shardings, None))
+        with self._mesh_context():
+            return self._train_step(state, batch)
+
+    def eval_step(self, params, batch: dict) -> dict:
+        """{"ce_sum", "tokens"} of a batch (no gradients)."""
+        def run(params, batch):
+            n = jnp.sum(batch["loss_mask"])
+            _, metrics = self.loss_terms(params, batch, 1.0)
+            return {"ce_sum": metrics["ce_sum"], "tokens": n}
+        if self._eval_step is None:
+            self._eval_step = jax.jit(run)
+        with self._mesh_context():
+            return self._eval_step(params, batch)
+
+    def _mesh_context(self):
+        import contextlib
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
