@@ -179,11 +179,20 @@ def test_load_dataset_end_to_end(tok, tmp_path):
     assert data.seq_len == 24 and len(data) == len(data.rows["input_ids"])
 
 
+def test_prompt_completion_learns_only_the_completion_and_eos(tok):
+    ids, learn = tokenize_example({"prompt": "The lazy", "completion": " fox jumps"}, tok)
+    prompt, completion = tok.encode("The lazy"), tok.encode(" fox jumps")
+    assert ids.tolist() == prompt + completion + [tok.eos_token_ids[0]]
+    assert learn.tolist() == [False] * len(prompt) + [True] * (len(completion) + 1)
+
+
 # ---- bad input -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("line, message", [
     ('{"text": "a",}', r"malformed JSON \(.*line 1 column"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"prompt": "a"}', "expected a 'text' or 'messages' field"),
+    ('{"prompt": "a"}', "a 'prompt' example needs a 'completion' field"),
+    ('{"input": "a"}', "expected a 'text', 'prompt'/'completion' or 'messages' field"),
+    ('{"text": "a", "prompt": "b", "completion": "c"}', "expected one of the fields"),
     ('{"text": 5}', "'text' must be a string"),
     ('{"messages": []}', "'messages' must be a non-empty list"),
     ('{"messages": "hi"}', "'messages' must be a non-empty list"),

@@ -1,6 +1,7 @@
 """Training data: JSONL files -> token ids with loss flags -> rows packed to a fixed length -> batches.
 
-A JSONL line is `{"text": str}` (learn every token) or `{"messages": [{"role", "content", ...}, ...]}` (a chat,
+A JSONL line is `{"text": str}` (learn every token), `{"prompt": str, "completion": str}` (plain text, learn only
+the completion, as TRL's prompt-completion format) or `{"messages": [{"role", "content", ...}, ...]}` (a chat,
 rendered with the tokenizer's chat template; learn only the assistant replies). Documents are packed greedily
 into rows of `seq_len` tokens; `segment_ids` keep documents apart (attention and targets never cross them).
 """
@@ -27,17 +28,27 @@ def _at(where: str) -> str:
 
 
 # ---- reading -------------------------------------------------------------------------------------------
+KINDS = ("text", "prompt", "messages")  # the field that decides an example's kind
+
+
 def _check_example(example, where: str) -> None:
-    """Raises DataError unless `example` is {"text": str} or {"messages": [{"role": str, ...}, ...]}."""
+    """Raises DataError unless `example` is {"text": str}, {"prompt": str, "completion": str} or
+    {"messages": [{"role": str, ...}, ...]}."""
     if not isinstance(example, dict):
         raise DataError(f"{_at(where)}expected a JSON object, got {type(example).__name__}")
-    has_text, has_messages = "text" in example, "messages" in example
-    if not has_text and not has_messages:
-        raise DataError(f"{_at(where)}expected a 'text' or 'messages' field (got keys {sorted(example)})")
-    if has_text and has_messages:
-        raise DataError(f"{_at(where)}expected a 'text' or 'messages' field, not both")
-    if has_text and not isinstance(example["text"], str):
-        raise DataError(f"{_at(where)}'text' must be a string, got {type(example['text']).__name__}")
+    kinds = [k for k in KINDS if k in example]
+    if not kinds:
+        raise DataError(f"{_at(where)}expected a 'text', 'prompt'/'completion' or 'messages' field (got keys "
+                        f"{sorted(example)})")
+    if len(kinds) > 1:
+        raise DataError(f"{_at(where)}expected one of the fields {list(KINDS)}, got {kinds}")
+    has_messages = kinds[0] == "messages"
+    fields = {"text": ("text",), "prompt": ("prompt", "completion"), "messages": ()}[kinds[0]]
+    for field in fields:
+        if field not in example:
+            raise DataError(f"{_at(where)}a 'prompt' example needs a 'completion' field")
+        if not isinstance(example[field], str):
+            raise DataError(f"{_at(where)}'{field}' must be a string, got {type(example[field]).__name__}")
     if has_messages:
         messages = example["messages"]
         if not isinstance(messages, list) or not messages:
@@ -132,16 +143,21 @@ def tokenize_example(example: dict, tokenizer, add_eos: bool = True, chat_kwargs
                      where: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [n], learn bool [n]): learn[t] is True where the model should learn to predict token t.
 
-    `text`: every token, plus the tokenizer's first EOS id when `add_eos`. `messages`: the chat template's
+    `text`: every token, plus the tokenizer's first EOS id when `add_eos`. `prompt` + `completion`: the two
+    tokenized separately (the prompt exactly as a generation request would be), learning only the completion
+    and the EOS. `messages`: the chat template's
     render, learning only the assistant replies (`chat_kwargs`, e.g. {"enable_thinking": False}, go to the
     template). Each piece is tokenized on its own, so the mask is exact. `where` (e.g. "data.jsonl:12")
     prefixes error messages."""
     _check_example(example, where)
+    eos = [tokenizer.eos_token_ids[0]] if add_eos and tokenizer.eos_token_ids else []
     if "text" in example:
-        ids = tokenizer.encode(example["text"])
-        if add_eos and tokenizer.eos_token_ids:
-            ids = ids + [tokenizer.eos_token_ids[0]]
+        ids = tokenizer.encode(example["text"]) + eos
         return np.asarray(ids, np.int32), np.ones(len(ids), bool)
+    if "prompt" in example:
+        prompt, completion = tokenizer.encode(example["prompt"]), tokenizer.encode(example["completion"]) + eos
+        return (np.asarray(prompt + completion, np.int32),
+                np.asarray([False] * len(prompt) + [True] * len(completion), bool))
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{_at(where)}a 'messages' example needs a tokenizer with a chat template; this one "
                         "has none")

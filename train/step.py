@@ -52,7 +52,12 @@ class Trainer:
             params = jax.device_put(params, self.param_shardings)
         opt_state = jax.jit(self.tx.init)(params)
         rng = jax.random.key_data(jax.random.key(self.tc.seed))
-        return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": rng}
+        state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": rng}
+        if self.mesh is None:
+            return state
+        replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh  # noqa: E731
+        return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated), state)
 
     def model(self, params) -> Qwen35:
         """The nnx model holding `params` (e.g. the trained ones, for generation)."""
@@ -126,7 +131,7 @@ class Trainer:
         grads, metrics = self.grads(state["params"], batch)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = self.schedule(state["step"])
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731

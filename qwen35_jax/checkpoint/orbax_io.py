@@ -121,6 +121,36 @@ def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloa
     return out
 
 
+def save_model(model, out: str | Path, dtype: str = "float32", assets_from: str | Path | None = None,
+               overwrite: bool = True) -> Path:
+    """Writes an in-memory `Qwen35` as a model checkpoint in the converter's layout (loadable by `load_model`,
+    `Engine.load`, exportable with `export_to_hf`); tokenizer files are copied from `assets_from` when given.
+    Staged and renamed at the end, like a conversion."""
+    out = Path(out)
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(STORE_DTYPES)}")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists")
+    cfg = model.config
+    values = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    tree = {}
+    for rule in checkpoint_rules(cfg):
+        for p, keys in zip(rule.ours, rule.stored_keys()):
+            value = values[p] if rule.period is None else values[p][rule.period]
+            _nest(tree, ("params", *keys), _stored(np.asarray(jax.device_get(value)), STORE_DTYPES[dtype]))
+    _clear_staging(out)
+    staging = _staging(out)
+    ocp.partial.save(staging, tree, custom_metadata={"format": FORMAT, "config": cfg.to_hf(), "dtype": dtype,
+                                                     "source": "qwen35_jax.checkpoint.orbax_io.save_model"})
+    ocp.partial.finalize(staging)
+    if assets_from is not None:
+        copy_assets(Path(assets_from), staging / ASSETS)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out
+
+
 class _SaveBatch:
     """Converted arrays waiting for one `ocp.partial.save` (fewer, larger saves than one per tensor)."""
 

@@ -1,0 +1,104 @@
+"""`python -m train.demo`: train a tiny hybrid Qwen3.5 (Gated DeltaNet + attention + MoE) from scratch on CPU to
+add multi-digit numbers, then answer held-out problems with the inference engine and report exact-match accuracy.
+
+Everything is made here: the problems (JSON lines), a SentencePiece tokenizer trained on them, the model (random
+init from configs/train/demo.yaml), Orbax checkpoints, the final model checkpoint, the generations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "demo.yaml"
+
+
+def make_problems(n: int, digits: int, rng: random.Random, exclude: set = frozenset()) -> list[tuple[str, str]]:
+    """n distinct (prompt "a+b=", answer "c") pairs with operands of 1..digits digits, none in `exclude`."""
+    seen, problems = set(exclude), []
+    while len(problems) < n:
+        a, b = (rng.randrange(10 ** rng.randint(1, digits)) for _ in range(2))
+        if (a, b) not in seen:
+            seen.add((a, b))
+            problems.append((f"{a}+{b}=", str(a + b)))
+    return problems
+
+
+def write_jsonl(path: Path, problems) -> None:
+    path.write_text("".join(json.dumps({"prompt": p, "completion": a}) + "\n" for p, a in problems))
+
+
+def train_tokenizer(folder: Path, problems) -> None:
+    """A SentencePiece character model trained on the problems (digits, '+', '=' and EOS </s>)."""
+    import sentencepiece as spm
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("".join(p + a + "\n" for p, a in problems))
+    spm.SentencePieceTrainer.Train(input=str(corpus), model_prefix=str(folder / "tokenizer"), model_type="char",
+                                   vocab_size=17, character_coverage=1.0, add_dummy_prefix=False,
+                                   minloglevel=2)
+    corpus.unlink()
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": sp.eos_id()}))
+
+
+def exact_match(checkpoint: Path, problems, batch: int = 64) -> tuple[float, list]:
+    """Greedy answers from the inference engine; (accuracy, [(prompt, expected, got)])."""
+    from infer.engine import Engine
+    from infer.sampling import SamplingParams
+    engine = Engine.load(checkpoint, max_len=32, prefill_chunk=16)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    rows = []
+    for i in range(0, len(problems), batch):
+        chunk = problems[i:i + batch]
+        results = engine.generate([p for p, _ in chunk], params)
+        rows += [(p, a, r.text.strip()) for (p, a), r in zip(chunk, results)]
+    return sum(a == got for _, a, got in rows) / len(rows), rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="work folder (data, tokenizer, checkpoints)")
+    parser.add_argument("--digits", type=int, default=3, help="operands have up to this many digits")
+    parser.add_argument("--train-problems", type=int, default=20000)
+    parser.add_argument("--test-problems", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/train/demo.yaml")
+    args = parser.parse_args(argv)
+
+    from train.config import TrainConfig
+    from train.finetune import run
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    test = make_problems(args.test_problems, args.digits, rng)
+    train = make_problems(args.train_problems, args.digits, rng, exclude={tuple(map(int, p[:-1].split("+")))
+                                                                          for p, _ in test})
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "test.jsonl", test)
+    train_tokenizer(out / "tokenizer", train)
+    tc = TrainConfig.load(CONFIG, [f"train_data={out / 'train.jsonl'}", f"eval_data={out / 'test.jsonl'}",
+                                   f"tokenizer={out / 'tokenizer'}", f"output_dir={out / 'run'}",
+                                   f"seed={args.seed}", *args.overrides])
+    if (out / "run" / "checkpoints").exists():
+        import shutil
+        shutil.rmtree(out / "run")  # a fresh demo each time
+    summary = run(tc)
+    trained = time.perf_counter()
+    accuracy, rows = exact_match(Path(summary["final"]), test)
+    for prompt, expected, got in rows[:5]:
+        print(f"  {prompt}{got:<6} (expected {expected})")
+    print(f"trained {tc.steps} steps in {trained - start:.0f} s (final train loss {summary['loss']:.4f}, held-out "
+          f"loss {summary['eval_loss']:.4f}); exact-match accuracy on {len(rows)} held-out problems: "
+          f"{100 * accuracy:.1f}% (total {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""`python -m train.finetune --config configs/train/NAME.yaml [key=value ...] [--resume]`: fine-tune (or train
+from a preset's random init) with AdamW, logging to the console and a JSON-lines file, evaluating on held-out
+data, checkpointing with Orbax, and saving the final weights as a model checkpoint (optionally exported to HF)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from qwen35_jax.checkpoint.orbax_io import ASSETS, export_to_hf, is_orbax_checkpoint, save_model
+from qwen35_jax.checkpoint.safetensors_io import CheckpointError
+from qwen35_jax.config import ConfigError, ModelConfig
+from qwen35_jax.loading import load_model, resolve_dtype
+from qwen35_jax.nn.model import Qwen35
+from qwen35_jax.sharding import MeshError, make_mesh
+from qwen35_jax.tokenizer import Tokenizer, TokenizerError
+from train.checkpoint import RunCheckpoints
+from train.config import TrainConfig, TrainConfigError
+from train.data import DataError, PackedDataset, load_dataset
+from train.step import Trainer
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def build_model(tc: TrainConfig) -> Qwen35:
+    """From an Orbax checkpoint or HF folder (tc.model is a path), else a preset / config.json with random init."""
+    dtype = resolve_dtype(tc.param_dtype)
+    knobs = {"scan_layers": tc.scan_layers, "remat": tc.remat}
+    path = Path(tc.model)
+    if path.is_dir():
+        if tc.model_overrides:
+            raise TrainConfigError(f"model_overrides apply to random init only, but model={tc.model} is a checkpoint")
+        model = load_model(path, dtype, scan_layers=tc.scan_layers)
+        return nnx.merge(*_with_config(model, knobs))
+    cfg = ModelConfig.from_hf(tc.model, **tc.model_overrides, **knobs)
+    return Qwen35(cfg, dtype, nnx.Rngs(tc.seed))
+
+
+def _with_config(model: Qwen35, knobs: dict):
+    """(graphdef, state) of `model` rebuilt with config knobs (remat) that the loader does not take."""
+    import dataclasses
+    cfg = dataclasses.replace(model.config, **knobs)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen35(cfg, model.dtype, nnx.Rngs(0))))
+    return graphdef, nnx.state(model)
+
+
+def tokenizer_folder(tc: TrainConfig) -> Path:
+    if tc.tokenizer:
+        return Path(tc.tokenizer)
+    path = Path(tc.model)
+    if is_orbax_checkpoint(path):
+        return path / ASSETS
+    if path.is_dir():
+        return path
+    raise TrainConfigError(f"model={tc.model!r} is a preset (random init): set `tokenizer` to a tokenizer folder")
+
+
+def _record(tc: TrainConfig, step: int, data: PackedDataset) -> dict:
+    return {"step": step, "epoch": data.epoch_of(step, tc.batch_size), "rows": len(data),
+            "data_seed": tc.seed, "batch_size": tc.batch_size, "config": tc.to_dict()}
+
+
+def _check_resume(record: dict, tc: TrainConfig, data: PackedDataset, where: Path) -> None:
+    for key, now in (("rows", len(data)), ("data_seed", tc.seed), ("batch_size", tc.batch_size)):
+        if record.get(key) != now:
+            raise TrainConfigError(f"{where}: cannot resume exactly: the checkpoint was written with {key}="
+                                   f"{record.get(key)} but this run has {key}={now}")
+
+
+def evaluate(trainer: Trainer, params, data: PackedDataset, tc: TrainConfig) -> float:
+    """Mean cross-entropy over up to tc.eval_batches fixed batches of the held-out set."""
+    total = count = 0.0
+    n_batches = min(tc.eval_batches, max(1, math.ceil(len(data) / tc.batch_size)))
+    for i in range(n_batches):
+        m = jax.device_get(trainer.eval_step(params, trainer.put_batch(data.batch(i, tc.batch_size, seed=0))))
+        total, count = total + float(m["ce_sum"]), count + float(m["tokens"])
+    return total / max(count, 1.0)
+
+
+def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Trains per `tc`. Returns {"step", "loss", "eval_loss", "final": model checkpoint path, ...}.
+
+    stop_after: end this invocation after that many total steps, with a checkpoint, as a preemption would
+    (no final model then); a later `run(tc, resume=True)` continues exactly."""
+    out = Path(tc.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.load(tokenizer_folder(tc))
+    model = build_model(tc)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                               f"{model.config.vocab_size}")
+    if not tc.train_data:
+        raise TrainConfigError("train_data: no training files given")
+    data = load_dataset(tc.train_data, tokenizer, tc.seq_len, tc.overflow, tc.add_eos)
+    held_out = load_dataset(tc.eval_data, tokenizer, tc.seq_len, tc.overflow, tc.add_eos) if tc.eval_data else None
+    trainer = Trainer(model, tc, make_mesh(tc.mesh) if tc.mesh else None)
+    del model
+    state = trainer.init_state()
+    checkpoints = RunCheckpoints(out / "checkpoints", tc.keep_checkpoints)
+    start = checkpoints.latest_step()
+    if start is not None and not resume:
+        raise TrainConfigError(f"{out}: holds checkpoints (latest step {start}); pass --resume to continue them, "
+                               "or choose another output_dir")
+    if start is not None:
+        state, record = checkpoints.restore(start, state)
+        _check_resume(record, tc, data, checkpoints.directory)
+    start = start or 0
+    end = tc.steps if stop_after is None else min(stop_after, tc.steps)
+    summary = _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out, progress)
+    checkpoints.close()
+    if end < tc.steps:
+        summary.pop("params")
+        return summary
+    final = save_model(trainer.model(summary.pop("params")), out / "final", assets_from=tokenizer_folder(tc))
+    summary["final"] = str(final)
+    if tc.export_hf:
+        summary["export_hf"] = str(export_to_hf(final, tc.export_hf, progress=progress))
+    return summary
+
+
+def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out, progress) -> dict:
+    from tqdm import tqdm
+    log = open(out / "log.jsonl", "a")
+    bar = tqdm(total=tc.steps, initial=start, desc="training", disable=not progress, dynamic_ncols=True)
+    summary = {"step": start, "loss": None, "eval_loss": None}
+    last_saved = start
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            state, metrics = trainer.train_step(state, trainer.put_batch(data.batch(step, tc.batch_size, tc.seed)))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            seconds = time.perf_counter() - t0
+            done = step + 1
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                checkpoints.wait()
+                raise TrainingDiverged(
+                    f"step {done}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite; the run "
+                    f"stopped without applying this update. Last good checkpoint: step {last_saved} in "
+                    f"{checkpoints.directory} (resume with --resume, e.g. with a lower learning_rate)")
+            entry = {"step": done, **metrics, "tokens_per_second": metrics["tokens"] / seconds,
+                     "epoch": data.epoch_of(done, tc.batch_size)}
+            summary.update(step=done, loss=metrics["loss"])
+            if held_out is not None and (done % tc.eval_every == 0 or done == tc.steps):
+                entry["eval_loss"] = summary["eval_loss"] = evaluate(trainer, state["params"], held_out, tc)
+                bar.write(f"step {done}: eval loss {entry['eval_loss']:.4f}")
+            if done % tc.log_every == 0 or done == tc.steps or "eval_loss" in entry:
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                            gnorm=f"{metrics['grad_norm']:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}")
+            bar.update(1)
+            if done % tc.save_every == 0 or done == end:
+                checkpoints.save(done, state, _record(tc, done, data))
+                last_saved = done
+    finally:
+        bar.close()
+        log.close()
+        checkpoints.wait()
+    summary["params"] = state["params"]
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML training config (configs/train/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        tc = TrainConfig.load(args.config, args.overrides)
+        summary = run(tc, resume=args.resume, progress=not args.no_progress)
+    except (TrainConfigError, TrainingDiverged, DataError, ConfigError, TokenizerError, CheckpointError,
+            MeshError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, np.ndarray)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
