@@ -42,6 +42,11 @@ def build_model(tc: TrainConfig) -> Qwen35:
             raise TrainConfigError(f"model_overrides apply to random init only, but model={tc.model} is a checkpoint")
         model = load_model(path, dtype, scan_layers=tc.scan_layers)
         return nnx.merge(*_with_config(model, knobs))
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - set(knobs)
+    unknown = sorted(set(tc.model_overrides) - known)
+    if unknown:
+        raise TrainConfigError(f"model_overrides: unknown model config field(s) {unknown}; known: {sorted(known)}")
     cfg = ModelConfig.from_hf(tc.model, **tc.model_overrides, **knobs)
     return Qwen35(cfg, dtype, nnx.Rngs(tc.seed))
 
