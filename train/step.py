@@ -46,8 +46,9 @@ class Trainer:
 
     # ----- state -----
     def init_state(self, params=None) -> dict:
-        """A fresh state (step 0) from `params` (default: the model's own parameters), placed by the rules."""
-        params = self._params if params is None else params
+        """A fresh state (step 0) from `params` (default: a copy of the model's parameters, so the model passed
+        in stays usable: training steps donate the state's buffers), placed by the rules."""
+        params = jax.tree.map(jnp.copy, self._params) if params is None else params
         if self.mesh is not None:
             params = jax.device_put(params, self.param_shardings)
         opt_state = jax.jit(self.tx.init)(params)

@@ -44,6 +44,13 @@ def _schedule(starts, counts, experts, n_experts, ctx_init, block_fn, ctx_done, 
     return lax.fori_loop(0, n_experts, one_expert, carry)
 
 
+def _expert_gate_up(w1, e):
+    """Expert e's [H, 2, I] gate/up weights as one [H, 2I] matrix (sliced from the unreshaped parameter, so
+    the custom VJP keeps the parameter itself as its residual, not a reshaped copy of every expert)."""
+    w = w1[e]
+    return w.reshape(w.shape[0], -1)
+
+
 def _forward_block(inter):
     def block_fn(ys, ctx, e, row, end, size):
         gate_up, down, xs = ctx
@@ -55,8 +62,8 @@ def _forward_block(inter):
 
 @jax.custom_vjp
 def _grouped(xs, w1, w2, starts, counts, experts, n_experts):
-    """xs: [N + BLOCK, H] sorted rows; w1: [E, H, 2I]; w2: [E, I, H] -> [N + BLOCK, H]."""
-    return _schedule(starts, counts, experts, n_experts, lambda e: (w1[e], w2[e], xs),
+    """xs: [N + BLOCK, H] sorted rows; w1: [E, H, 2, I]; w2: [E, I, H] -> [N + BLOCK, H]."""
+    return _schedule(starts, counts, experts, n_experts, lambda e: (_expert_gate_up(w1, e), w2[e], xs),
                      _forward_block(w2.shape[1]), lambda ys, ctx, e: ys, jnp.zeros_like(xs))
 
 
@@ -85,11 +92,13 @@ def _grouped_bwd(res, dys):
 
     def done(carry, ctx, e):
         dxs, dw1, dw2 = carry
-        return (dxs, lax.dynamic_update_index_in_dim(dw1, ctx[2].astype(dw1.dtype), e, 0),
+        dw1e = ctx[2].reshape(dw1.shape[1:]).astype(dw1.dtype)
+        return (dxs, lax.dynamic_update_index_in_dim(dw1, dw1e, e, 0),
                 lax.dynamic_update_index_in_dim(dw2, ctx[3].astype(dw2.dtype), e, 0))
 
     def init(e):
-        return w1[e], w2[e], jnp.zeros(w1.shape[1:], jnp.float32), jnp.zeros(w2.shape[1:], jnp.float32)
+        w1e = _expert_gate_up(w1, e)
+        return w1e, w2[e], jnp.zeros(w1e.shape, jnp.float32), jnp.zeros(w2.shape[1:], jnp.float32)
 
     dxs, dw1, dw2 = _schedule(starts, counts, experts, n_experts, init, block_fn, done,
                               (jnp.zeros_like(xs), jnp.zeros_like(w1), jnp.zeros_like(w2)))
@@ -104,10 +113,9 @@ def grouped_swiglu_blocked(x_sorted, group_sizes, w_gate_up, w_down):
     w_gate_up: [E, H, 2, I]; w_down: [E, I, H]. Returns [N, H]: each row through its expert's
     `(silu(x Wg) * x Wu) Wd`."""
     n, hidden = x_sorted.shape
-    e, _, _, inter = w_gate_up.shape
     starts = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)
     experts = jnp.argsort(group_sizes == 0, stable=True).astype(jnp.int32)  # non-empty experts first
     n_experts = jnp.sum(group_sizes > 0)
     xs = jnp.concatenate([x_sorted, jnp.zeros((BLOCK, hidden), x_sorted.dtype)])
-    ys = _grouped(xs, w_gate_up.reshape(e, hidden, 2 * inter), w_down, starts, group_sizes, experts, n_experts)
+    ys = _grouped(xs, w_gate_up, w_down, starts, group_sizes, experts, n_experts)
     return ys[:n]
