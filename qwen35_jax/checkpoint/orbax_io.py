@@ -84,7 +84,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloa
     Memory is bounded by batch_bytes plus the largest rule's tensors (one layer's fused experts), not the model.
     Writes into a staging folder renamed to `out` at the end: an interrupted run leaves nothing at `out`.
     """
-    hf_dir, out = Path(hf_dir), Path(out)
+    hf_dir, out = Path(hf_dir), Path(out).absolute()  # Orbax wants absolute paths
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(STORE_DTYPES)}")
     if out.exists() and not overwrite:
@@ -126,7 +126,7 @@ def save_model(model, out: str | Path, dtype: str = "float32", assets_from: str 
     """Writes an in-memory `Qwen35` as a model checkpoint in the converter's layout (loadable by `load_model`,
     `Engine.load`, exportable with `export_to_hf`); tokenizer files are copied from `assets_from` when given.
     Staged and renamed at the end, like a conversion."""
-    out = Path(out)
+    out = Path(out).absolute()  # Orbax wants absolute paths
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(STORE_DTYPES)}")
     if out.exists() and not overwrite:
