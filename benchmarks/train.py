@@ -31,20 +31,10 @@ from benchmarks.common import print_table
 from qwen35_jax.hf_reference import random_checkpoint, random_tokens
 from qwen35_jax.loading import load_model
 from train.config import TrainConfig
+from train.data import unpacked_batch
 from train.step import Trainer
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, (0.9, 0.95), 1e-8, 0.1, 1.0
-
-
-def unpacked_batch(tokens: np.ndarray) -> dict:
-    """Rows holding one document each, no padding: what HF's `labels=input_ids` loss sees."""
-    b, seq = tokens.shape
-    targets = np.zeros_like(tokens)
-    targets[:, :-1] = tokens[:, 1:]
-    mask = np.ones((b, seq), np.float32)
-    mask[:, -1] = 0
-    return {"input_ids": tokens, "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq)).copy(),
-            "segment_ids": np.ones((b, seq), np.int32), "targets": targets, "loss_mask": mask}
 
 
 # ----- memory (Linux): peak resident set size per phase -----

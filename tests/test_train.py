@@ -12,18 +12,8 @@ from qwen35_jax.checkpoint.names import checkpoint_rules
 from qwen35_jax.hf_reference import build_hf_model, save_hf_model
 from qwen35_jax.loading import load_model
 from train.config import TrainConfig
+from train.data import unpacked_batch
 from train.step import Trainer
-
-
-def unpacked_batch(tokens: np.ndarray) -> dict:
-    """Rows holding one document each, no padding: what HF's `labels=input_ids` loss sees."""
-    b, l = tokens.shape
-    targets = np.zeros_like(tokens)
-    targets[:, :-1] = tokens[:, 1:]
-    mask = np.ones((b, l), np.float32)
-    mask[:, -1] = 0
-    return {"input_ids": tokens, "positions": np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)),
-            "segment_ids": np.ones((b, l), np.int32), "targets": targets, "loss_mask": mask}
 
 
 def hf_grads(hf_model, tokens):

@@ -295,6 +295,19 @@ class PackedDataset:
         return step * batch_size / len(self)
 
 
+def unpacked_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """tokens: int [B, L], one whole document per row -> the batch fields (every next token counted, positions
+    0..L-1): what HF's `model(input_ids, labels=input_ids)` loss sees."""
+    b, seq = tokens.shape
+    targets = np.zeros_like(tokens, dtype=np.int32)
+    targets[:, :-1] = tokens[:, 1:]
+    mask = np.ones((b, seq), np.float32)
+    mask[:, -1] = 0
+    return {"input_ids": np.asarray(tokens, np.int32), "targets": targets, "loss_mask": mask,
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq)).copy(),
+            "segment_ids": np.ones((b, seq), np.int32)}
+
+
 def load_dataset(paths: str | Path | list[str | Path], tokenizer, seq_len: int, overflow: str = "split",
                  add_eos: bool = True, chat_kwargs: dict | None = None) -> PackedDataset:
     """JSONL files -> tokenized examples (errors name file:line) -> packed rows, in file and line order."""
