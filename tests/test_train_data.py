@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from qwen35_jax.tokenizer import Tokenizer
-from train.data import (DataError, PackedDataset, load_dataset, pack_documents, read_jsonl,
+from train.data import (DataError, PackedDataset, load_dataset, pack_documents, read_jsonl, tokenize_examples,
                         tokenize_example)
 
 HEADER = "<|im_start|>assistant\n"
@@ -70,6 +70,20 @@ def test_chat_mask_with_reasoning_and_thinking_switch(tok):
         assert [text for flag, text in runs(tok, ids, learn) if flag] == [
             "It jumps over the lazy dog.<|im_end|>\n",
             "digits first\n</think>\n\nemoji 🚀 and 12345 digits.<|im_end|>\n"]
+
+
+def test_history_rewriting_conversation_becomes_one_document_per_turn(tok, tmp_path):
+    rewritten = [CHAT[1], dict(CHAT[2], reasoning_content="r1"), CHAT[3], dict(CHAT[4], reasoning_content="r2")]
+    docs = tokenize_examples({"messages": rewritten}, tok, where="d.jsonl:1")
+    assert len(docs) == 2
+    for (ids, learn), end in zip(docs, (2, 4)):
+        context = rewritten[:end]
+        assert tok.decode(ids) == tok.apply_chat_template(context, add_generation_prompt=False)
+        learned = [text for flag, text in runs(tok, ids, learn) if flag]
+        reply = context[-1]
+        assert learned == [f"{reply['reasoning_content']}\n</think>\n\n{reply['content']}<|im_end|>\n"]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": rewritten}])
+    assert len(load_dataset(path, tok, 256).rows["input_ids"]) == 1  # both documents packed in one row
 
 
 def test_chat_errors_name_the_source(tok, bpe_folder):

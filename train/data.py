@@ -23,6 +23,11 @@ class DataError(ValueError):
     """Training data that cannot be used; the message names the file and line (or the document)."""
 
 
+class HistoryRewritten(DataError):
+    """The chat template renders earlier turns differently once a later turn follows (Qwen3.5's drops the
+    reasoning of assistant turns before the last user turn), so one turn-by-turn mask cannot exist."""
+
+
 def _at(where: str) -> str:
     return f"{where}: " if where else ""
 
@@ -111,10 +116,10 @@ def _reply_start(prompt: str, full: str, consumed: int) -> int:
 
 
 def _rewrite_error(where: str, k: int) -> DataError:
-    return DataError(f"{_at(where)}the chat template renders the conversation through messages[{k}] so that it "
+    return HistoryRewritten(f"{_at(where)}the chat template renders the conversation through messages[{k}] so that it "
                      "does not extend the render of the earlier turns (it rewrites history, e.g. drops the "
                      "reasoning of earlier assistant turns), so the loss mask cannot be built turn by turn; "
-                     "split the conversation into one example per assistant turn")
+                     "split the conversation into one example per assistant turn (load_dataset does)")
 
 
 def _chat_pieces(messages: list[dict], tokenizer, chat_kwargs: dict, where: str) -> list[tuple[str, bool]]:
@@ -308,6 +313,31 @@ def unpacked_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
             "segment_ids": np.ones((b, seq), np.int32)}
 
 
+def tokenize_examples(example: dict, tokenizer, add_eos: bool = True, chat_kwargs: dict | None = None,
+                      where: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+    """`tokenize_example` as a list of documents. A conversation whose template rewrites history becomes one
+    document per assistant turn: the conversation up to that turn, learning only that reply, i.e. each reply
+    in exactly the context the model sees when it generates it (what Qwen3.5's reasoning template implies)."""
+    try:
+        return [tokenize_example(example, tokenizer, add_eos, chat_kwargs, where)]
+    except HistoryRewritten:
+        messages, docs = example["messages"], []
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                docs.append(_last_reply(messages[:i + 1], tokenizer, chat_kwargs or {}, f"{where} (turn {i})"))
+        return docs
+
+
+def _last_reply(messages: list[dict], tokenizer, chat_kwargs: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The conversation ending in an assistant reply, learning only that reply."""
+    prompt = _render(tokenizer, messages[:-1], True, chat_kwargs, where)
+    full = _render(tokenizer, messages, False, chat_kwargs, where)
+    start = _reply_start(prompt, full, 0)
+    pieces = [(tokenizer.encode(full[:start]), False), (tokenizer.encode(full[start:]), True)]
+    ids = np.asarray([i for piece, _ in pieces for i in piece], np.int32)
+    return ids, np.asarray([flag for piece, flag in pieces for _ in piece], bool)
+
+
 def load_dataset(paths: str | Path | list[str | Path], tokenizer, seq_len: int, overflow: str = "split",
                  add_eos: bool = True, chat_kwargs: dict | None = None) -> PackedDataset:
     """JSONL files -> tokenized examples (errors name file:line) -> packed rows, in file and line order."""
@@ -315,8 +345,9 @@ def load_dataset(paths: str | Path | list[str | Path], tokenizer, seq_len: int, 
     docs, where = [], []
     for path in map(Path, paths):
         for number, example in _read_lines(path):
-            docs.append(tokenize_example(example, tokenizer, add_eos, chat_kwargs, f"{path}:{number}"))
-            where.append(f"{path}:{number}")
+            new = tokenize_examples(example, tokenizer, add_eos, chat_kwargs, f"{path}:{number}")
+            docs += new
+            where += [f"{path}:{number}"] * len(new)
     dataset = PackedDataset(pack_documents(docs, seq_len, overflow, where))
     if len(dataset) == 0:
         raise DataError(f"{', '.join(map(str, paths))}: no document has 2 or more tokens, nothing to train on")
