@@ -64,7 +64,7 @@ def _to_chunks(x, n_chunks, chunk):
     return x.reshape(x.shape[0], x.shape[1], n_chunks, chunk, *x.shape[3:])
 
 
-def _unit_lower_inverse(a, base=16):
+def _unit_lower_inverse_blocks(a, base=16):
     """(I + a)^-1 for strictly lower-triangular a: [..., n, n] (n = base * 2^k), by batched matmuls.
 
     Forward substitution on base x base diagonal blocks, merged pairwise: [[T1, 0], [-T2 A21 T1, T2]].
@@ -76,11 +76,34 @@ def _unit_lower_inverse(a, base=16):
             t = t.at[..., i, :].add(-jnp.einsum("...j,...jk->...k", a[..., i, :i], t[..., :i, :]))
         return t
     h = n // 2
-    inv = _unit_lower_inverse(jnp.stack([a[..., :h, :h], a[..., h:, h:]]), base)
+    inv = _unit_lower_inverse_blocks(jnp.stack([a[..., :h, :h], a[..., h:, h:]]), base)
     t11, t22 = inv[0], inv[1]
     t21 = -(t22 @ a[..., h:, :h]) @ t11
     top = jnp.concatenate([t11, jnp.zeros_like(t11)], -1)
     return jnp.concatenate([top, jnp.concatenate([t21, t22], -1)], -2)
+
+
+@jax.custom_vjp
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for strictly lower-triangular a: [..., n, n]; see `_unit_lower_inverse_blocks`.
+
+    Its own VJP: with T = (I + a)^-1, dA = -T^T dT T^T restricted to the strictly lower part (two batched
+    matmuls instead of differentiating the substitution loop op by op)."""
+    return _unit_lower_inverse_blocks(a)
+
+
+def _unit_lower_inverse_fwd(a):
+    t = _unit_lower_inverse_blocks(a)
+    return t, t
+
+
+def _unit_lower_inverse_bwd(t, dt):
+    t_transposed = jnp.swapaxes(t, -1, -2)
+    da = -(t_transposed @ dt @ t_transposed)
+    return (jnp.tril(da, -1),)
+
+
+_unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def _segment_masks(segment_ids, n_chunks, chunk):
