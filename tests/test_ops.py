@@ -37,6 +37,26 @@ def test_chunked_delta_rule_equals_oracle(seq, max_decay, with_state):
     np.testing.assert_allclose(final, state_ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_packed_segments_restart_the_delta_rule_state(chunk):
+    """Segment starts at 1, 63, 64, 65 (chunk edges), 128 and mid-chunk, plus padding (id 0) at the end, with an
+    initial state (it flows into the first segment only): chunked == oracle == each document run alone."""
+    q, k, v, g, beta, state = delta_inputs(2, 200, 3, 16, 8, 2.0, seed=7)
+    bounds = [0, 1, 63, 64, 65, 128, 150, 190, 200]
+    ids = np.zeros(200, np.int32)
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:-1] + [190])):
+        ids[a:b] = n + 1
+    segments = jnp.asarray(np.stack([ids, np.where(ids > 0, 1, 0)]))  # row 1: one document, then padding
+    out_ref, state_ref = gated_delta_rule_recurrent(q, k, v, g, beta, state, segments)
+    out, final = jax.jit(gated_delta_rule_chunked, static_argnames="chunk_size")(
+        q, k, v, g, beta, state, chunk_size=chunk, segment_ids=segments)
+    np.testing.assert_allclose(out, out_ref, atol=2e-5)
+    np.testing.assert_allclose(final, state_ref, atol=2e-5)
+    for a, b in zip(bounds[1:-2], bounds[2:-1]):  # documents after the first start from a zero state
+        alone, _ = gated_delta_rule_recurrent(*(t[:1, a:b] for t in (q, k, v, g, beta)))
+        np.testing.assert_allclose(out[:1, a:b], alone, atol=2e-5)
+
+
 def test_delta_rule_continues_from_carried_state():
     """Running A then B from A's final state equals running A+B; also for a smaller chunk size."""
     q, k, v, g, beta, _ = delta_inputs(1, 100, 2, 8, 8, 2.0)

@@ -110,13 +110,14 @@ def max_diff(a, b) -> float:
 
 
 def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients():
+    """Rows of 128 tokens: packed documents cross the delta rule's 64-token chunk edges."""
     from train.data import pack_documents
     rng = np.random.default_rng(0)
-    docs = [rng.integers(1, 256, n).astype(np.int32) for n in (30, 17, 45, 9, 21)]
-    learn = [np.ones(len(d), bool) for d in docs]
-    packed = pack_documents(list(zip(docs, learn)), 64)            # several documents per row
-    alone = pack_documents(list(zip(docs, learn)), 64)
-    alone = {k: np.concatenate([pack_documents([(d, f)], 64)[k] for d, f in zip(docs, learn)]) for k in alone}
+    docs = [rng.integers(1, 256, n).astype(np.int32) for n in (70, 17, 45, 9, 21, 90)]
+    docs = [(d, np.ones(len(d), bool)) for d in docs]
+    packed = pack_documents(docs, 128)                                # several documents per row
+    alone = [pack_documents([d], 128) for d in docs]
+    alone = {k: np.concatenate([a[k] for a in alone]) for k in packed}  # one document per row
     assert len(packed["input_ids"]) < len(alone["input_ids"]) == len(docs)
     trainer = Trainer(small_model(), TrainConfig())
     params = trainer.init_state()["params"]
@@ -129,11 +130,17 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
+    """Micro-batches with different numbers of counted tokens: each is normalised by the step's total count, so
+    the accumulated gradient is the big batch's (a per-micro-batch mean would not be). MoE, router loss off (the
+    load-balancing loss is per micro-batch by design)."""
+    from train.data import pack_documents
     rng = np.random.default_rng(1)
-    batch = unpacked_batch(rng.integers(0, 256, (4, 24)).astype(np.int32))
-    model = small_model("tiny-dense")
-    one = Trainer(model, TrainConfig(batch_size=4))
-    two = Trainer(model, TrainConfig(batch_size=4, grad_accum=2))
+    docs = [(rng.integers(1, 256, n).astype(np.int32), np.ones(n, bool)) for n in (24, 20, 9, 3, 15, 12)]
+    batch = pack_documents(docs, 24)
+    assert len(batch["input_ids"]) == 4 and batch["loss_mask"][:2].sum() != batch["loss_mask"][2:].sum()
+    model = small_model()
+    one = Trainer(model, TrainConfig(batch_size=4, router_aux_loss_coef=0.0))
+    two = Trainer(model, TrainConfig(batch_size=4, grad_accum=2, router_aux_loss_coef=0.0))
     params = one.init_state()["params"]
     g1, m1 = jax.jit(one.grads)(params, one.put_batch(batch))
     g2, m2 = jax.jit(two.grads)(params, two.put_batch(batch))
@@ -233,6 +240,8 @@ def test_resume_is_exact(tmp_path, bpe_folder):
     assert not (tmp_path / "resumed" / "final").exists()
     with pytest.raises(TrainConfigError, match="--resume"):
         run(run_config(tmp_path, bpe_folder, "resumed"), progress=False)
+    with pytest.raises(TrainConfigError, match=r"cannot resume exactly: learning_rate: 0.001 -> 0.002"):
+        run(run_config(tmp_path, bpe_folder, "resumed", learning_rate=2e-3), resume=True, progress=False)
     resumed = run(run_config(tmp_path, bpe_folder, "resumed"), resume=True, progress=False)
     a, b = logged(tmp_path, "straight"), logged(tmp_path, "resumed")
     assert [e["step"] for e in a] == [e["step"] for e in b] == list(range(1, 7))
@@ -259,6 +268,9 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, b
     ('{"txt": "no field"}\n', [], r"train\.jsonl:1: expected a 'text'"),
     ('{"text": "' + "long text " * 40 + '"}\n', ["overflow=reject"], r"train\.jsonl:1: .*longer than seq_len"),
     ('{"text": "ok"}\n', ["learning_rte=0.1"], r"unknown config key\(s\) \['learning_rte'\]"),
+    ('{"text": "ok"}\n', ["frozen=[embed_tokns]"], r"frozen: \['embed_tokns'\] match no parameter"),
+    ('{"text": "ok"}\n', ["frozen=[.]"], r"freeze every parameter"),
+    ('{"text": "ok"}\n', ["train_data=[1]"], r"'train_data': expected a list of strings"),
 ])
 def test_cli_reports_bad_input(tmp_path, bpe_folder, capsys, line, overrides, message):
     from train.finetune import main

@@ -115,6 +115,9 @@ def _check(c: TrainConfig) -> None:
                                                      not (isinstance(value, bool) and bool not in allowed))
         if not ok:
             raise TrainConfigError(f"config key {f.name!r}: expected {f.type}, got {value!r}")
+    for key in ("train_data", "eval_data", "frozen"):
+        if not all(isinstance(item, str) for item in getattr(c, key)):
+            raise TrainConfigError(f"config key {key!r}: expected a list of strings, got {getattr(c, key)!r}")
     choices = {"overflow": ("split", "reject"), "remat": ("none", "full", "dots"),
                "param_dtype": ("float32", "bfloat16"), "compute_dtype": ("float32", "bfloat16")}
     for key, allowed in choices.items():

@@ -18,7 +18,7 @@ from flax import nnx
 from qwen35_jax.checkpoint.orbax_io import ASSETS, export_to_hf, is_orbax_checkpoint, save_model
 from qwen35_jax.checkpoint.safetensors_io import CheckpointError
 from qwen35_jax.config import ConfigError, ModelConfig
-from qwen35_jax.loading import load_model, resolve_dtype
+from qwen35_jax.loading import load_model, resolve_dtype, shard_model
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import MeshError, make_mesh
 from qwen35_jax.tokenizer import Tokenizer, TokenizerError
@@ -32,15 +32,16 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def build_model(tc: TrainConfig) -> Qwen35:
-    """From an Orbax checkpoint or HF folder (tc.model is a path), else a preset / config.json with random init."""
+def build_model(tc: TrainConfig, mesh=None) -> Qwen35:
+    """From an Orbax checkpoint or HF folder (tc.model is a path; an Orbax checkpoint is read straight into the
+    mesh's shardings), else a preset / config.json with random init (then placed on the mesh)."""
     dtype = resolve_dtype(tc.param_dtype)
     knobs = {"scan_layers": tc.scan_layers, "remat": tc.remat}
     path = Path(tc.model)
     if path.is_dir():
         if tc.model_overrides:
             raise TrainConfigError(f"model_overrides apply to random init only, but model={tc.model} is a checkpoint")
-        model = load_model(path, dtype, scan_layers=tc.scan_layers)
+        model = load_model(path, dtype, mesh=mesh, scan_layers=tc.scan_layers)
         return nnx.merge(*_with_config(model, knobs))
     import dataclasses
     known = {f.name for f in dataclasses.fields(ModelConfig)} - set(knobs)
@@ -48,7 +49,8 @@ def build_model(tc: TrainConfig) -> Qwen35:
     if unknown:
         raise TrainConfigError(f"model_overrides: unknown model config field(s) {unknown}; known: {sorted(known)}")
     cfg = ModelConfig.from_hf(tc.model, **tc.model_overrides, **knobs)
-    return Qwen35(cfg, dtype, nnx.Rngs(tc.seed))
+    model = Qwen35(cfg, dtype, nnx.Rngs(tc.seed))
+    return model if mesh is None else shard_model(model, mesh)
 
 
 def _with_config(model: Qwen35, knobs: dict):
@@ -70,24 +72,54 @@ def tokenizer_folder(tc: TrainConfig) -> Path:
     raise TrainConfigError(f"model={tc.model!r} is a preset (random init): set `tokenizer` to a tokenizer folder")
 
 
-def _record(tc: TrainConfig, step: int, data: PackedDataset) -> dict:
-    return {"step": step, "epoch": data.epoch_of(step, tc.batch_size), "rows": len(data),
-            "data_seed": tc.seed, "batch_size": tc.batch_size, "config": tc.to_dict()}
+# Config keys a resumed run may change: they do not touch the training trajectory.
+RESUMABLE_CHANGES = {"output_dir", "save_every", "keep_checkpoints", "eval_data", "eval_every", "eval_batches",
+                     "log_every", "export_hf"}
 
 
-def _check_resume(record: dict, tc: TrainConfig, data: PackedDataset, where: Path) -> None:
-    for key, now in (("rows", len(data)), ("data_seed", tc.seed), ("batch_size", tc.batch_size)):
-        if record.get(key) != now:
-            raise TrainConfigError(f"{where}: cannot resume exactly: the checkpoint was written with {key}="
-                                   f"{record.get(key)} but this run has {key}={now}")
+def _data_digest(data: PackedDataset) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    for key in sorted(data.rows):
+        digest.update(np.ascontiguousarray(data.rows[key]).tobytes())
+    return digest.hexdigest()
+
+
+def _record(tc: TrainConfig, step: int, data: PackedDataset, digest: str) -> dict:
+    return {"step": step, "epoch": data.epoch_of(step, tc.batch_size), "rows": len(data), "data_sha256": digest,
+            "config": tc.to_dict()}
+
+
+def _check_resume(record: dict, tc: TrainConfig, digest: str, where: Path) -> None:
+    """Resuming is exact only with the same data and every config key that shapes the trajectory."""
+    saved = record.get("config", {})
+    changed = sorted(k for k, v in tc.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(tc, k)!r}" for k in changed)
+        raise TrainConfigError(f"{where}: cannot resume exactly: {diffs} changed since the checkpoint (start a new "
+                               "run from its weights instead)")
+    if record.get("data_sha256") != digest:
+        raise TrainConfigError(f"{where}: cannot resume exactly: the packed training data differ from the "
+                               "checkpoint's (files edited?)")
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drops log lines of steps after `step` (written after the checkpoint a resumed run restarts from)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def evaluate(trainer: Trainer, params, data: PackedDataset, tc: TrainConfig) -> float:
-    """Mean cross-entropy over up to tc.eval_batches fixed batches of the held-out set."""
+    """Mean cross-entropy over the first tc.eval_batches x tc.batch_size rows of the held-out set, in order,
+    each row once (a short last batch is filled with empty rows that count nothing)."""
     total = count = 0.0
-    n_batches = min(tc.eval_batches, max(1, math.ceil(len(data) / tc.batch_size)))
-    for i in range(n_batches):
-        m = jax.device_get(trainer.eval_step(params, trainer.put_batch(data.batch(i, tc.batch_size, seed=0))))
+    n = len(data)
+    for start in range(0, min(n, tc.eval_batches * tc.batch_size), tc.batch_size):
+        index = np.arange(start, start + tc.batch_size)
+        real = (index < n)[:, None]
+        batch = {k: np.where(real, v[np.minimum(index, n - 1)], 0).astype(v.dtype) for k, v in data.rows.items()}
+        m = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
         total, count = total + float(m["ce_sum"]), count + float(m["tokens"])
     return total / max(count, 1.0)
 
@@ -98,9 +130,10 @@ def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after
     stop_after: end this invocation after that many total steps, with a checkpoint, as a preemption would
     (no final model then); a later `run(tc, resume=True)` continues exactly."""
     out = Path(tc.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(tc.mesh) if tc.mesh else None
+    model = build_model(tc, mesh)
     tokenizer = Tokenizer.load(tokenizer_folder(tc))
-    model = build_model(tc)
+    out.mkdir(parents=True, exist_ok=True)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TrainConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                                f"{model.config.vocab_size}")
@@ -108,9 +141,10 @@ def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after
         raise TrainConfigError("train_data: no training files given")
     data = load_dataset(tc.train_data, tokenizer, tc.seq_len, tc.overflow, tc.add_eos)
     held_out = load_dataset(tc.eval_data, tokenizer, tc.seq_len, tc.overflow, tc.add_eos) if tc.eval_data else None
-    trainer = Trainer(model, tc, make_mesh(tc.mesh) if tc.mesh else None)
+    trainer = Trainer(model, tc, mesh)
     del model
-    state = trainer.init_state()
+    state = trainer.init_state(trainer.release_params())  # the model's arrays become the state (no copy)
+    digest = _data_digest(data)
     checkpoints = RunCheckpoints(out / "checkpoints", tc.keep_checkpoints)
     start = checkpoints.latest_step()
     if start is not None and not resume:
@@ -118,10 +152,11 @@ def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after
                                "or choose another output_dir")
     if start is not None:
         state, record = checkpoints.restore(start, state)
-        _check_resume(record, tc, data, checkpoints.directory)
+        _check_resume(record, tc, digest, checkpoints.directory)
+        _trim_log(out / "log.jsonl", start)
     start = start or 0
     end = tc.steps if stop_after is None else min(stop_after, tc.steps)
-    summary = _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out, progress)
+    summary = _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out, progress, digest)
     checkpoints.close()
     if end < tc.steps:
         summary.pop("params")
@@ -133,12 +168,12 @@ def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after
     return summary
 
 
-def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out, progress) -> dict:
+def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out, progress, digest) -> dict:
     from tqdm import tqdm
     log = open(out / "log.jsonl", "a")
     bar = tqdm(total=tc.steps, initial=start, desc="training", disable=not progress, dynamic_ncols=True)
     summary = {"step": start, "loss": None, "eval_loss": None}
-    last_saved = start
+    last_saved = start if start > 0 else None
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -148,10 +183,12 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
             done = step + 1
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 checkpoints.wait()
+                last = "no checkpoint was saved yet" if last_saved is None else \
+                    f"Last good checkpoint: step {last_saved} in {checkpoints.directory}"
                 raise TrainingDiverged(
                     f"step {done}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite; the run "
-                    f"stopped without applying this update. Last good checkpoint: step {last_saved} in "
-                    f"{checkpoints.directory} (resume with --resume, e.g. with a lower learning_rate)")
+                    f"stopped without applying this update. {last} (lower the learning_rate and start a new run "
+                    "from it)")
             entry = {"step": done, **metrics, "tokens_per_second": metrics["tokens"] / seconds,
                      "epoch": data.epoch_of(done, tc.batch_size)}
             summary.update(step=done, loss=metrics["loss"])
@@ -165,7 +202,7 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
                             gnorm=f"{metrics['grad_norm']:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}")
             bar.update(1)
             if done % tc.save_every == 0 or done == end:
-                checkpoints.save(done, state, _record(tc, done, data))
+                checkpoints.save(done, state, _record(tc, done, data, digest))
                 last_saved = done
     finally:
         bar.close()

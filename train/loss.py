@@ -3,9 +3,6 @@
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100  # HF's ignore label (only used by tests / converters; batches carry a loss_mask)
-
-
 def cross_entropy_sum(hidden: jax.Array, head, targets: jax.Array, mask: jax.Array, chunk: int = 0) -> jax.Array:
     """Sum over counted tokens of -log softmax(head(hidden))[target], float32.
 

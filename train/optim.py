@@ -43,9 +43,21 @@ def decay_mask(variables) -> dict:
 
 
 def frozen_mask(params, patterns: list[str]) -> dict:
-    """True for parameters whose path name matches any regex in `patterns` (re.search)."""
-    compiled = [re.compile(p) for p in patterns]
-    return jax.tree.map(lambda name: any(c.search(name) for c in compiled), param_names(params))
+    """True for parameters whose path name matches any regex in `patterns` (re.search). A pattern that is not a
+    regex, matches no parameter, or (with the others) freezes everything raises TrainConfigError."""
+    from train.config import TrainConfigError
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except (re.error, TypeError) as e:
+        raise TrainConfigError(f"frozen={patterns}: not a list of regular expressions ({e})") from None
+    names = jax.tree.leaves(param_names(params))
+    unused = [c.pattern for c in compiled if not any(c.search(n) for n in names)]
+    if unused:
+        raise TrainConfigError(f"frozen: {unused} match no parameter; names look like {names[:3]}")
+    mask = jax.tree.map(lambda name: any(c.search(name) for c in compiled), param_names(params))
+    if patterns and all(jax.tree.leaves(mask)):
+        raise TrainConfigError(f"frozen={patterns}: these patterns freeze every parameter")
+    return mask
 
 
 def learning_rate_schedule(tc) -> optax.Schedule:
@@ -70,6 +82,4 @@ def make_optimizer(tc, variables) -> optax.GradientTransformation:
     if not tc.frozen:
         return train
     labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask(plain, tc.frozen))
-    if all(label == "frozen" for label in jax.tree.leaves(labels)):
-        raise ValueError(f"frozen={tc.frozen}: these patterns freeze every parameter")
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)

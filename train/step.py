@@ -13,7 +13,8 @@ from qwen35_jax.loading import resolve_dtype
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import logical_spec, variable_sharding
 from train.loss import cross_entropy_sum, load_balancing_loss, router_z_loss
-from train.optim import is_variable, learning_rate_schedule, make_optimizer, matrix_mask, plain_values
+from train.optim import (frozen_mask, is_variable, learning_rate_schedule, make_optimizer, matrix_mask,
+                         plain_values)
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
 
@@ -30,11 +31,11 @@ class Trainer:
     def __init__(self, model: Qwen35, tc, mesh: jax.sharding.Mesh | None = None):
         self.config, self.tc, self.mesh = model.config, tc, mesh
         self.graphdef, variables = nnx.split(model)
-        self.variables = jax.tree.map(lambda v: v, variables, is_leaf=is_variable)
         self.tx = make_optimizer(tc, variables)
         self.schedule = learning_rate_schedule(tc)
         self.compute_dtype = resolve_dtype(tc.compute_dtype)
         self.cast_mask = matrix_mask(variables)
+        self.frozen = frozen_mask(plain_values(variables), tc.frozen)
         coef = tc.router_aux_loss_coef
         self.aux_coef = self.config.router_aux_loss_coef if coef is None else coef
         self._params = plain_values(variables)
@@ -59,6 +60,12 @@ class Trainer:
         replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh  # noqa: E731
         return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated), state)
+
+    def release_params(self):
+        """The model's own parameter arrays, forgotten by the trainer: `init_state(trainer.release_params())`
+        trains them in place (donated) instead of keeping a copy (what the fine-tuning run does)."""
+        params, self._params = self._params, None
+        return params
 
     def model(self, params) -> Qwen35:
         """The nnx model holding `params` (e.g. the trained ones, for generation)."""
@@ -85,7 +92,9 @@ class Trainer:
 
     # ----- loss -----
     def _cast(self, params):
-        """Matrices to the compute dtype (master copies stay in params); norms and 1-D params stay float32."""
+        """Matrices to the compute dtype (master copies stay in params); norms and 1-D params stay float32.
+        Frozen parameters are constants to the gradient (zero gradients, not part of the grad norm)."""
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen)
         return jax.tree.map(lambda p, m: p.astype(self.compute_dtype) if m else p, params, self.cast_mask)
 
     def loss_terms(self, params, batch: dict, n_counted) -> tuple[jax.Array, dict]:
