@@ -1,18 +1,20 @@
 """Model configuration: frozen dataclasses read from HF-style config.json files.
 
 `ModelConfig.from_hf` accepts a checkpoint folder, a config.json path, a dict (top-level multimodal with a
-`text_config`, or text-only) or a preset name from `configs/models/` (for example `"qwen3.5-35b-a3b"`).
+`text_config`, or text-only) or a preset name (`preset_names()`, for example `"qwen3.5-35b-a3b"`): the presets
+are package data, `qwen35_jax/presets/NAME.json`, so they load from an installed wheel too.
 Every check raises `ConfigError` naming the field, its value and what was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 from pathlib import Path
 from typing import Any
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESET_DIR = importlib.resources.files("qwen35_jax") / "presets"  # package data: NAME.json per preset
 LAYER_TYPES = ("linear_attention", "full_attention")
 SUPPORTED_ROPE_TYPES = ("default",)
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -167,18 +169,23 @@ def default_layer_types(num_layers: int, interval: int = 4) -> tuple[str, ...]:
     return tuple("linear_attention" if (i + 1) % interval else "full_attention" for i in range(num_layers))
 
 
+def preset_names() -> tuple[str, ...]:
+    """The bundled presets, by name (`qwen35_jax/presets/NAME.json`, installed as package data)."""
+    return tuple(sorted(p.name.removesuffix(".json") for p in PRESET_DIR.iterdir() if p.name.endswith(".json")))
+
+
 def _read_source(source) -> tuple[dict, str]:
+    """(config dict, where it came from) for a dict, a preset name, a checkpoint folder or a config.json path."""
     if isinstance(source, dict):
         return source, "config dict"
     path = Path(source)
-    if not path.exists() and (PRESET_DIR / f"{source}.json").exists():
+    if not path.exists() and isinstance(source, str) and source in preset_names():
         path = PRESET_DIR / f"{source}.json"
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        presets = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
         raise ConfigError(f"no config at {source!r}: expected a checkpoint folder with config.json, "
-                          f"a config.json path, or a preset name ({', '.join(presets)})")
+                          f"a config.json path, or a preset name ({', '.join(preset_names())})")
     try:
         return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as e:

@@ -1,6 +1,6 @@
 """Sharding dry-run: compile a step of any model on any mesh with fake CPU devices and abstract arrays.
 
-    python -m qwen35_jax.dryrun --model configs/models/qwen3.5-397b-a17b.json --devices 64 \\
+    python -m qwen35_jax.dryrun --model qwen3.5-397b-a17b --devices 64 \\
         --mesh expert=16,tensor=4 --mode train|prefill|decode --batch B --seq S [--hbm 95GiB] [--json]
 
 Nothing the size of the model is allocated: parameters, optimizer state and decode state are
@@ -180,7 +180,8 @@ def run(model: str, devices: int, mesh_spec: str, mode: str, batch: int, seq: in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Compile one step of a model on a fake-device mesh and report memory.")
-    p.add_argument("--model", required=True, help="config.json path, checkpoint folder or preset name")
+    p.add_argument("--model", required=True,
+                   help="preset name (e.g. qwen3.5-397b-a17b), config.json path or checkpoint folder")
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--mesh", required=True, help='e.g. "expert=16,tensor=4" (axes: data, fsdp, expert, tensor)')
     p.add_argument("--mode", choices=["train", "prefill", "decode"], default="train")

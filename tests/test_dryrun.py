@@ -71,13 +71,13 @@ def run_cli(*args):
 
 @pytest.mark.slow
 def test_397b_train_seq_4096():
-    report = run_cli("--model", "configs/models/qwen3.5-397b-a17b.json", "--devices", "64", "--mesh",
+    report = run_cli("--model", "qwen3.5-397b-a17b", "--devices", "64", "--mesh",
                      "expert=16,tensor=4", "--mode", "train", "--batch", "16", "--seq", "4096", "--hbm", "95GiB")
     assert report["params_bytes_per_device"] < 400e9 * 4 / 16
 
 
 @pytest.mark.slow
 def test_397b_decode_32k_context():
-    report = run_cli("--model", "configs/models/qwen3.5-397b-a17b.json", "--devices", "64", "--mesh",
+    report = run_cli("--model", "qwen3.5-397b-a17b", "--devices", "64", "--mesh",
                      "expert=16,tensor=4", "--mode", "decode", "--batch", "64", "--seq", "32768", "--hbm", "95GiB")
     assert report["decode_state_bytes_per_device"] > 0 and report["fits"] is not None

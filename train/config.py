@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from pathlib import Path
 
 import yaml
 
 
+RECIPE_DIR = importlib.resources.files("train") / "recipes"  # package data: NAME.yaml per bundled recipe
+
+
 class TrainConfigError(ValueError):
     pass
+
+
+def recipe_names() -> tuple[str, ...]:
+    """The bundled recipes, by name (`train/recipes/NAME.yaml`, installed as package data)."""
+    return tuple(sorted(p.name.removesuffix(".yaml") for p in RECIPE_DIR.iterdir() if p.name.endswith(".yaml")))
+
+
+def recipe_path(source: str | Path):
+    """A YAML path as given, or the bundled recipe of that name (`demo`, `sft-example`) when no such file exists."""
+    if not Path(source).exists() and str(source) in recipe_names():
+        return RECIPE_DIR / f"{source}.yaml"
+    return Path(source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +76,16 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-        """Reads a YAML file (None: defaults) and applies `key=value` overrides (values parsed as YAML)."""
+        """Reads a YAML file or bundled recipe name (None: defaults) and applies `key=value` overrides (values
+        parsed as YAML)."""
         raw = {}
         if path is not None:
-            path = Path(path)
+            path = recipe_path(path)
             try:
                 raw = yaml.safe_load(path.read_text()) or {}
             except (OSError, yaml.YAMLError) as e:
-                raise TrainConfigError(f"{path}: cannot read the training config: {e}") from None
+                raise TrainConfigError(f"{path}: cannot read the training config (a YAML path or a bundled "
+                                       f"recipe name: {', '.join(recipe_names())}): {e}") from None
             if not isinstance(raw, dict):
                 raise TrainConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
         for item in overrides:

@@ -2,7 +2,7 @@
 add multi-digit numbers, then answer held-out problems with the inference engine and report exact-match accuracy.
 
 Everything is made here: the problems (JSON lines), a SentencePiece tokenizer trained on them, the model (random
-init from configs/train/demo.yaml), Orbax checkpoints, the final model checkpoint, the generations.
+init from the bundled recipe train/recipes/demo.yaml), Orbax checkpoints, the final model checkpoint, the generations.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import random
 import sys
 import time
 from pathlib import Path
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "demo.yaml"
-
 
 def make_problems(n: int, digits: int, rng: random.Random, exclude: set = frozenset()) -> list[tuple[str, str]]:
     """n distinct (prompt "a+b=", answer "c") pairs with operands of 1..digits digits, none in `exclude`."""
@@ -68,10 +65,10 @@ def main(argv=None) -> int:
     parser.add_argument("--train-problems", type=int, default=20000)
     parser.add_argument("--test-problems", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/train/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of train/recipes/demo.yaml")
     args = parser.parse_args(argv)
 
-    from train.config import TrainConfig
+    from train.config import RECIPE_DIR, TrainConfig
     from train.finetune import run
     start = time.perf_counter()
     out = Path(args.out)
@@ -83,9 +80,10 @@ def main(argv=None) -> int:
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "test.jsonl", test)
     train_tokenizer(out / "tokenizer", train)
-    tc = TrainConfig.load(CONFIG, [f"train_data={out / 'train.jsonl'}", f"eval_data={out / 'test.jsonl'}",
-                                   f"tokenizer={out / 'tokenizer'}", f"output_dir={out / 'run'}",
-                                   f"seed={args.seed}", *args.overrides])
+    tc = TrainConfig.load(RECIPE_DIR / "demo.yaml",
+                          [f"train_data={out / 'train.jsonl'}", f"eval_data={out / 'test.jsonl'}",
+                           f"tokenizer={out / 'tokenizer'}", f"output_dir={out / 'run'}",
+                           f"seed={args.seed}", *args.overrides])
     if (out / "run" / "checkpoints").exists():
         import shutil
         shutil.rmtree(out / "run")  # a fresh demo each time

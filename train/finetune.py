@@ -1,4 +1,4 @@
-"""`python -m train.finetune --config configs/train/NAME.yaml [key=value ...] [--resume]`: fine-tune (or train
+"""`python -m train.finetune --config RECIPE.yaml|NAME [key=value ...] [--resume]`: fine-tune (or train
 from a preset's random init) with AdamW, logging to the console and a JSON-lines file, evaluating on held-out
 data, checkpointing with Orbax, and saving the final weights as a model checkpoint (optionally exported to HF)."""
 
@@ -214,7 +214,8 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML training config (configs/train/*.yaml)")
+    parser.add_argument("--config", help="YAML training config, or a bundled recipe name (train/recipes/: "
+                                         "demo, sft-example)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
