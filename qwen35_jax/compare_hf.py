@@ -10,6 +10,7 @@ With --json the last line is one JSON object with max_abs_err, mean_abs_err, top
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -60,12 +61,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.seq_len < 1 or args.batch < 1:
         parser.error("--seq-len and --batch must be >= 1")
-    if args.tiny:
-        from qwen35_jax.hf_reference import random_checkpoint
-        hf_dir = random_checkpoint(args.tiny)[1]
-    else:
-        hf_dir = args.hf_dir
-    result = compare(hf_dir, args.dtype, args.seq_len, args.batch, args.seed)
+    with contextlib.ExitStack() as cleanup:
+        if args.tiny:
+            from qwen35_jax.hf_reference import random_checkpoint
+            hf_dir = cleanup.enter_context(random_checkpoint(args.tiny))[1]  # a temporary folder, removed after
+        else:
+            hf_dir = args.hf_dir
+        result = compare(hf_dir, args.dtype, args.seq_len, args.batch, args.seed)
     if args.tolerance is not None:
         result["tolerance"] = args.tolerance
     result["passed"] = result["max_abs_err"] <= result["tolerance"]

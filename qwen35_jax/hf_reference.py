@@ -5,6 +5,7 @@ Needs the `[test]` extra (torch, transformers); imported only by compare_hf, tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -52,11 +53,13 @@ def save_hf_model(model, folder: Path, max_shard_size: str | None = None) -> Pat
     return folder
 
 
+@contextlib.contextmanager
 def random_checkpoint(source: str | dict, seed: int = 0, **overrides):
-    """(seeded random HF model, temporary folder holding its save_pretrained files)."""
+    """`with random_checkpoint(...) as (model, folder)`: a seeded random HF model and a temporary folder holding
+    its save_pretrained files; the folder is removed on exit."""
     model = build_hf_model(source, seed=seed, **overrides)
-    folder = Path(tempfile.mkdtemp(prefix="qwen35-random-"))
-    return model, save_hf_model(model, folder)
+    with tempfile.TemporaryDirectory(prefix="qwen35-random-") as folder:
+        yield model, save_hf_model(model, Path(folder))
 
 
 def load_hf_model(folder: str | Path, dtype: str = "float32"):
