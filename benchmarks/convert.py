@@ -1,6 +1,6 @@
 """HF -> Orbax conversion: throughput and peak memory, beside HF transformers loading the same folder.
 
-    python -m benchmarks.convert [--gb 4.5] [--workdir /tmp/qwen35-convert-bench]
+    python -m benchmarks.convert [--layers 8] [--workdir DIR] [--keep]
 
 Builds a synthetic HF checkpoint of a mid-size MoE config (random bf16, released layout: fused experts,
 several shards), converts it in a subprocess, then loads it with `from_pretrained` in another, and prints
@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,13 +102,24 @@ HF_LOAD = ("import sys, torch; from transformers import Qwen3_5MoeForCausalLM; "
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/qwen35-convert-bench")
+    parser.add_argument("--workdir", help="an empty or new folder for the files (default: a temporary folder)")
     parser.add_argument("--layers", type=int, default=8, help="layers of the synthetic model (8: ~4.9 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     args = parser.parse_args(argv)
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    cfg = ModelConfig.from_hf({**MID_MOE, "num_hidden_layers": args.layers})
+    if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
+        parser.error(f"--workdir {args.workdir} is not empty; give an empty or new folder")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qwen35-convert-bench-"))
+    try:
+        measure(work, args.layers)
+    finally:
+        if args.keep:
+            print(f"files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(work: Path, layers: int) -> None:
+    cfg = ModelConfig.from_hf({**MID_MOE, "num_hidden_layers": layers})
     total, largest = write_synthetic(work / "hf", cfg, shard_bytes=1 << 30)
     ours_s, ours_rss = run_measured([sys.executable, "-m", "qwen35_jax.convert", "--hf-dir", str(work / "hf"),
                                      "--out", str(work / "orbax"), "--dtype", "keep"])
@@ -120,8 +132,6 @@ def main(argv=None):
         ["ours: convert HF -> Orbax", f"{ours_s:.1f}", f"{mb / ours_s:.0f}", f"{ours_rss / gib:.2f}"],
         ["HF transformers: from_pretrained", f"{hf_s:.1f}", f"{mb / hf_s:.0f}", f"{hf_rss / gib:.2f}"],
     ])
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

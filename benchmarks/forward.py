@@ -1,6 +1,9 @@
 """Prefill (full forward) throughput: ours vs HF transformers on the same weights, same run.
 
-    python -m benchmarks.forward --config ../shared/bench/small-moe.json [--shapes 1x512,4x512] [--repeats 5]
+    python -m benchmarks.forward [--config small-moe] [--dtype float32,bfloat16] [--shapes 1x512,4x512] [--repeats 5]
+
+--config: a benchmark config name (benchmarks/configs/: small-moe, small-dense), a model preset name or a
+config.json path. --dtype: one row per dtype and shape; both sides hold and run the weights in that dtype.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import numpy as np
 import torch
 from flax import nnx
 
-from qwen35_jax.hf_reference import random_checkpoint
-from benchmarks.common import median_seconds, print_table
+from benchmarks.common import bench_config, median_seconds, parse_dtypes, print_table
 from qwen35_jax import load_model
+from qwen35_jax.hf_reference import TORCH_DTYPES, random_checkpoint
 
 
 def jit_forward(model):
@@ -27,33 +30,43 @@ def jit_forward(model):
     return forward, state
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="HF text config.json (or preset name)")
-    parser.add_argument("--shapes", default="1x512,4x512", help="comma-separated BATCHxSEQ")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-
-    hf, folder = random_checkpoint(args.config)
-    model = load_model(folder, dtype="float32")
+def measure(hf, folder, dtype: str, shapes: list[tuple[int, int]], repeats: int) -> list[list]:
+    """Table rows [dtype, shape, HF tok/s, ours tok/s, ratio, compile s] for one dtype."""
+    model = load_model(folder, dtype=dtype)
     forward, state = jit_forward(model)
-    vocab = model.config.vocab_size
+    hf = hf.to(TORCH_DTYPES[dtype])
     rows = []
-    for shape in args.shapes.split(","):
-        batch, seq = (int(x) for x in shape.split("x"))
-        tokens = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int32)
+    for batch, seq in shapes:
+        tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq), dtype=np.int32)
         start = time.perf_counter()
         compiled = forward.lower(state, tokens).compile()
         compile_s = time.perf_counter() - start
-        ours = median_seconds(lambda: compiled(state, tokens).block_until_ready(), args.repeats)
+        ours = median_seconds(lambda: compiled(state, tokens).block_until_ready(), repeats)
         torch_tokens = torch.as_tensor(tokens, dtype=torch.long)
         with torch.no_grad():
-            theirs = median_seconds(lambda: hf(torch_tokens), args.repeats)
+            theirs = median_seconds(lambda: hf(torch_tokens), repeats)
         n = batch * seq
-        rows.append([shape, f"{n / theirs:.0f}", f"{n / ours:.0f}", f"{theirs / ours:.2f}x", f"{compile_s:.1f}"])
-    print(f"prefill tokens/s, float32, CPU ({jax.device_count()} JAX devices, torch {torch.get_num_threads()} "
-          f"threads), median of {args.repeats}; config {args.config}")
-    print_table(["batch x seq", "HF tok/s", "ours tok/s", "ours/HF", "jit compile s"], rows)
+        rows.append([dtype, f"{batch}x{seq}", f"{n / theirs:.0f}", f"{n / ours:.0f}", f"{theirs / ours:.2f}x",
+                     f"{compile_s:.1f}"])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=bench_config, default="small-moe",
+                        help="benchmark config name (small-moe, small-dense), model preset name or config.json path")
+    parser.add_argument("--dtype", type=parse_dtypes, default="float32",
+                        help="comma-separated: float32, bfloat16 (default float32)")
+    parser.add_argument("--shapes", default="1x512,4x512", help="comma-separated BATCHxSEQ")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+
+    with random_checkpoint(args.config) as (hf, folder):
+        rows = [row for dtype in args.dtype for row in measure(hf, folder, dtype, shapes, args.repeats)]
+    print(f"prefill tokens/s, CPU ({jax.device_count()} JAX devices, torch {torch.get_num_threads()} threads), "
+          f"median of {args.repeats}; config {args.config}")
+    print_table(["dtype", "batch x seq", "HF tok/s", "ours tok/s", "ours/HF", "jit compile s"], rows)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Generation speed: ours vs HF `generate` on the same weights, same run (greedy, float32, CPU).
+"""Generation speed: ours vs HF `generate` on the same weights, same run (greedy, CPU).
 
-    python -m benchmarks.generate --config ../shared/bench/small-moe.json [--contexts 256,2048,8192]
+    python -m benchmarks.generate [--config small-moe] [--dtype float32,bfloat16] [--contexts 256,2048,8192]
 
 Prints time to first token and decode tokens/s at batch 1 and 8 (prompt 128, 64 new tokens) with the
 ratios, then our decode ms/token at several context lengths (GDN layers cost the same at every length;
-only the attention layers grow).
+only the attention layers grow). One row per dtype: both sides hold and run the weights in that dtype.
+--config: a benchmark config name (benchmarks/configs/: small-moe, small-dense), a model preset name or a
+config.json path.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import jax
 import numpy as np
 import torch
 
-from qwen35_jax.hf_reference import random_checkpoint
-from benchmarks.common import median_seconds, print_table
+from benchmarks.common import bench_config, median_seconds, parse_dtypes, print_table
 from infer import Engine, SamplingParams
 from qwen35_jax import load_model
+from qwen35_jax.hf_reference import TORCH_DTYPES, random_checkpoint
 
 
 def ours_times(engine: Engine, prompts, new_tokens: int, repeats: int) -> tuple[float, float]:
@@ -49,40 +51,57 @@ def hf_times(hf, prompts: np.ndarray, new_tokens: int, repeats: int) -> tuple[fl
     return ttft, (total - ttft) / (new_tokens - 1)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--contexts", default="256,2048,8192")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-
-    hf, folder = random_checkpoint(args.config)
-    model = load_model(folder, dtype="float32")
-    vocab = model.config.vocab_size
+def batch_rows(hf, model, dtype: str, args) -> list[list]:
+    """Table rows [dtype, batch, HF TTFT, ours TTFT, ratio, HF tok/s, ours tok/s, ratio], one per batch size."""
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        prompts = np.random.default_rng(batch).integers(0, vocab, (batch, args.prompt_len))
+        prompts = np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, args.prompt_len))
         engine = Engine(model, max_len=args.prompt_len + args.new_tokens + 8, prefill_chunk=512)
         o_ttft, o_step = ours_times(engine, prompts.tolist(), args.new_tokens, args.repeats)
         h_ttft, h_step = hf_times(hf, prompts, args.new_tokens, args.repeats)
-        rows.append([batch, f"{h_ttft * 1e3:.0f}", f"{o_ttft * 1e3:.0f}", f"{h_ttft / o_ttft:.2f}x",
+        rows.append([dtype, batch, f"{h_ttft * 1e3:.0f}", f"{o_ttft * 1e3:.0f}", f"{h_ttft / o_ttft:.2f}x",
                      f"{batch / h_step:.1f}", f"{batch / o_step:.1f}", f"{h_step / o_step:.2f}x"])
-    print(f"greedy generation, float32, CPU, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}; config {args.config}")
-    print_table(["batch", "HF TTFT ms", "ours TTFT ms", "TTFT HF/ours", "HF decode tok/s", "ours decode tok/s",
-                 "ours/HF"], rows)
+    return rows
+
+
+def context_rows(model, dtype: str, contexts: str) -> list[list]:
+    """Table rows [dtype, context, our decode ms/token, bench s] at batch 1."""
     rows = []
-    for context in (int(c) for c in args.contexts.split(",")):
+    for context in (int(c) for c in contexts.split(",")):
         engine = Engine(model, max_len=context + 40, prefill_chunk=2048)
-        prompt = np.random.default_rng(context).integers(0, vocab, (1, context)).tolist()
+        prompt = np.random.default_rng(context).integers(0, model.config.vocab_size, (1, context)).tolist()
         start = time.perf_counter()
         _, step = ours_times(engine, prompt, 33, 1)
-        rows.append([context, f"{step * 1e3:.1f}", f"{time.perf_counter() - start:.0f}"])
-    print(f"\nours: decode ms/token at batch 1 by context length ({jax.default_backend()})")
-    print_table(["context", "decode ms/token", "bench s"], rows)
+        rows.append([dtype, context, f"{step * 1e3:.1f}", f"{time.perf_counter() - start:.0f}"])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=bench_config, default="small-moe",
+                        help="benchmark config name (small-moe, small-dense), model preset name or config.json path")
+    parser.add_argument("--dtype", type=parse_dtypes, default="float32",
+                        help="comma-separated: float32, bfloat16 (default float32)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--contexts", default="256,2048,8192", help="comma-separated; empty to skip")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    rows, by_context = [], []
+    with random_checkpoint(args.config) as (hf, folder):
+        for dtype in args.dtype:
+            model = load_model(folder, dtype=dtype)
+            rows += batch_rows(hf.to(TORCH_DTYPES[dtype]), model, dtype, args)
+            by_context += context_rows(model, dtype, args.contexts) if args.contexts else []
+    print(f"greedy generation, CPU, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"median of {args.repeats}; config {args.config}")
+    print_table(["dtype", "batch", "HF TTFT ms", "ours TTFT ms", "TTFT HF/ours", "HF decode tok/s",
+                 "ours decode tok/s", "ours/HF"], rows)
+    if by_context:
+        print(f"\nours: decode ms/token at batch 1 by context length ({jax.default_backend()})")
+        print_table(["dtype", "context", "decode ms/token", "bench s"], by_context)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training throughput: our Trainer vs HF transformers + torch AdamW on the same weights and batch, same run.
 
-    python -m benchmarks.train --config ../shared/bench/small-moe.json [--batch 2] [--seq 512] [--steps 5]
+    python -m benchmarks.train [--config small-moe] [--batch 2] [--seq 512] [--steps 5]
         [--warmup 2] [--dtype float32|bfloat16] [--remat none|full|dots] [--torch-threads N] [--json]
 
 One step = forward + backward + global-norm clipping (1.0) + AdamW (lr 1e-5 constant, betas 0.9/0.95, eps 1e-8,
@@ -17,18 +17,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import statistics
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import benchmarks.common  # noqa: F401  (offline HF environment variables, before transformers is imported)
 import jax
 import numpy as np
 import torch
 
-from benchmarks.common import print_table
-from qwen35_jax.hf_reference import random_checkpoint, random_tokens
+from benchmarks.common import bench_config, print_table
+from qwen35_jax.hf_reference import build_hf_model, random_tokens, save_hf_model
 from qwen35_jax.loading import load_model
 from train.config import TrainConfig
 from train.data import unpacked_batch
@@ -138,7 +139,8 @@ def run_ours(folder, tokens: np.ndarray, warmup: int, steps: int, dtype: str, re
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="HF text config.json (or preset name)")
+    parser.add_argument("--config", type=bench_config, default="small-moe",
+                        help="benchmark config name (small-moe, small-dense), model preset name or config.json path")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
@@ -156,13 +158,10 @@ def main(argv=None):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    hf, folder = random_checkpoint(args.config, seed=args.seed)
-    del_hf = [hf]
-    del hf
-    try:
-        report(args, del_hf, folder)  # report() pops the only reference to the HF model and frees it
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="qwen35-random-") as folder:
+        holder = [build_hf_model(args.config, seed=args.seed)]
+        save_hf_model(holder[0], Path(folder))
+        report(args, holder, Path(folder))  # report() pops the only reference to the HF model and frees it
 
 
 def report(args, holder: list, folder):
