@@ -17,22 +17,44 @@ import sys
 
 from infer.engine import Engine
 from infer.sampling import SamplingParams
+from qwen35_jax.cli import argument_parser, command
+
+
+PRESET = " (default: the preset's, see below)"
+SAMPLING_FLAGS = {"temperature": (float, "0 is greedy" + PRESET), "top-p": (float, "nucleus mass" + PRESET),
+                  "top-k": (int, "0: off" + PRESET), "min-p": (float, "relative to the top probability" + PRESET),
+                  "presence-penalty": (float, "on generated tokens" + PRESET),
+                  "frequency-penalty": (float, "on generated tokens" + PRESET),
+                  "repetition-penalty": (float, "on prompt and generated tokens, 1: off" + PRESET),
+                  "seed": (int, "sampling seed (default: a fresh random seed per prompt)")}
+
+
+def _preset_text(preset) -> str:
+    params = preset()
+    return ", ".join(f"{k} {getattr(params, k)}" for k in ("temperature", "top_p", "top_k", "min_p",
+                                                             "presence_penalty") if getattr(params, k))
+
+
+def sampling_help() -> str:
+    return ("sampling defaults (Qwen3.5's recommended presets; each flag overrides one value):\n"
+            f"  plain prompts and --no-thinking: {_preset_text(SamplingParams.non_thinking)}\n"
+            f"  --chat / --interactive (thinking): {_preset_text(SamplingParams.thinking)}\n"
+            "  --temperature 0 decodes greedily (deterministic).")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate text with a Qwen3.5 checkpoint.")
-    p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    p = argument_parser("Generate text with a Qwen3.5 checkpoint.", epilog=sampling_help())
+    p.add_argument("--model", required=True, help="checkpoint folder: Orbax (from convert or finetune) or HF "
+                   "(config.json, safetensors, tokenizer)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     p.add_argument("--no-thinking", action="store_true", help="chat without the thinking block")
     p.add_argument("--interactive", action="store_true", help="chat loop keeping the decode state")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    for name, kind in (("temperature", float), ("top-p", float), ("top-k", int), ("min-p", float),
-                       ("presence-penalty", float), ("frequency-penalty", float),
-                       ("repetition-penalty", float), ("seed", int)):
-        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per prompt at most")
+    for name, (kind, text) in SAMPLING_FLAGS.items():
+        p.add_argument(f"--{name}", type=kind, default=None, help=text)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--max-len", type=int, default=4096, help="decode state length (prompt + new tokens)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
@@ -92,23 +114,20 @@ def run_interactive(engine: Engine, args, params: SamplingParams) -> None:
         messages.append({"role": "assistant", "content": "".join(e.text for e in reply)})
 
 
+@command
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.prompt and not args.interactive:
         parser.error("give --prompt TEXT (repeatable) or --interactive")
-    try:
-        params = sampling_from_args(args)
-        engine = Engine.load(args.model, dtype=args.dtype, max_len=args.max_len)
-        if engine.tokenizer is None:
-            raise ValueError(f"{args.model}: no tokenizer.json or tokenizer.model; text prompts need one")
-        if args.interactive:
-            run_interactive(engine, args, params)
-        else:
-            run_batch(engine, args, params)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    params = sampling_from_args(args)
+    engine = Engine.load(args.model, dtype=args.dtype, max_len=args.max_len)
+    if engine.tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer.json or tokenizer.model; text prompts need one")
+    if args.interactive:
+        run_interactive(engine, args, params)
+    else:
+        run_batch(engine, args, params)
     return 0
 
 

@@ -11,16 +11,15 @@ and starts again from the first tensor.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from qwen35_jax.checkpoint.orbax_io import convert_hf_to_orbax, export_to_hf
-from qwen35_jax.checkpoint.safetensors_io import CheckpointError
-from qwen35_jax.config import ConfigError
+from qwen35_jax.cli import argument_parser, command
 
 
+@command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Convert Qwen3.5 checkpoints between HF safetensors and Orbax.")
+    parser = argument_parser("Convert Qwen3.5 checkpoints between HF safetensors and Orbax.")
     parser.add_argument("--hf-dir", help="HF checkpoint folder to convert to Orbax")
     parser.add_argument("--to-hf", action="store_true", help="export an Orbax checkpoint (--ckpt) to HF")
     parser.add_argument("--ckpt", help="Orbax checkpoint to export (with --to-hf)")
@@ -37,14 +36,10 @@ def main(argv=None) -> int:
         parser.error("give either --hf-dir DIR (HF -> Orbax) or --to-hf --ckpt CKPT (Orbax -> HF)")
     if args.to_hf and not args.ckpt:
         parser.error("--to-hf needs --ckpt CKPT")
-    try:
-        if args.to_hf:
-            out = export_to_hf(args.ckpt, args.out, int(args.shard_size_gb * 2**30))
-        else:
-            out = convert_hf_to_orbax(args.hf_dir, args.out, args.dtype, overwrite=args.overwrite)
-    except (CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.to_hf:
+        out = export_to_hf(args.ckpt, args.out, int(args.shard_size_gb * 2**30))
+    else:
+        out = convert_hf_to_orbax(args.hf_dir, args.out, args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

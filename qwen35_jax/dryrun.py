@@ -11,12 +11,13 @@ against --hbm, compile time and the collectives in the compiled HLO. --json: the
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 import sys
 import time
+
+from qwen35_jax.cli import argument_parser, command
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 1e3, "MB": 1e6, "GB": 1e9}
@@ -178,21 +179,22 @@ def run(model: str, devices: int, mesh_spec: str, mode: str, batch: int, seq: in
     return report
 
 
+@command
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Compile one step of a model on a fake-device mesh and report memory.")
+    p = argument_parser("Compile one step of a model on a fake-device mesh and report memory.")
     p.add_argument("--model", required=True,
                    help="preset name (e.g. qwen3.5-397b-a17b), config.json path or checkpoint folder")
-    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--devices", type=int, required=True, help="fake CPU devices (the mesh's size)")
     p.add_argument("--mesh", required=True, help='e.g. "expert=16,tensor=4" (axes: data, fsdp, expert, tensor)')
-    p.add_argument("--mode", choices=["train", "prefill", "decode"], default="train")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--mode", choices=["train", "prefill", "decode"], default="train", help="step to compile")
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=4096, help="sequence length (decode: context length)")
     p.add_argument("--hbm", default=None, help="memory per device, e.g. 95GiB")
     p.add_argument("--remat", choices=["none", "full", "dots"], default="full", help="train-mode remat policy")
     p.add_argument("--moe-backend", choices=["ragged", "blocked"], default="blocked",
-                   help="grouped matmul to compile (default blocked: XLA:CPU's lowering of ragged_dot, what TPU/GPU "
-                        "run, materialises dense per-expert temporaries and overstates memory ~7x)")
-    p.add_argument("--json", action="store_true")
+                   help="grouped matmul to compile (XLA:CPU's lowering of ragged_dot, what TPU/GPU run, "
+                        "materialises dense per-expert temporaries and overstates memory ~7x: hence blocked)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the report")
     args = p.parse_args(argv)
     import jax
     try:
@@ -200,14 +202,8 @@ def main(argv=None) -> int:
     except RuntimeError:
         pass  # backends already started (tests): use the devices there are
     jax.config.update("jax_platforms", "cpu")
-    from qwen35_jax.config import ConfigError
-    from qwen35_jax.sharding import MeshError
-    try:
-        report = run(args.model, args.devices, args.mesh, args.mode, args.batch, args.seq,
-                     parse_bytes(args.hbm) if args.hbm else None, args.remat, args.moe_backend)
-    except (ConfigError, MeshError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = run(args.model, args.devices, args.mesh, args.mode, args.batch, args.seq,
+                 parse_bytes(args.hbm) if args.hbm else None, args.remat, args.moe_backend)
     print(f"{report['model']}: {args.mode}, batch {args.batch} x {args.seq}, mesh {report['mesh']}")
     for key in ("params", "optimizer_state", "decode_state", "temp", "total"):
         if f"{key}_bytes_per_device" in report:

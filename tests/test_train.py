@@ -278,5 +278,5 @@ def test_cli_reports_bad_input(tmp_path, bpe_folder, capsys, line, overrides, me
     config = tmp_path / "run.yaml"
     config.write_text(f"model: tiny-moe\ntokenizer: {bpe_folder}\ntrain_data: {tmp_path / 'train.jsonl'}\n"
                       f"seq_len: 32\nmodel_overrides: {{vocab_size: 512}}\noutput_dir: {tmp_path / 'out'}\n")
-    assert main(["--config", str(config), "--no-progress", *overrides]) == 1
+    assert main(["--config", str(config), "--no-progress", *overrides]) == 2
     assert re.search(message, capsys.readouterr().err)

@@ -8,6 +8,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from qwen35_jax.checkpoint.orbax_io import orbax_path
+
 
 def abstract_like(state):
     """ShapeDtypeStructs with the shardings of a concrete state: the restore target."""
@@ -18,7 +20,7 @@ class RunCheckpoints:
     """`save(step, state, record)` (async), `restore(step, like_state) -> (state, record)`, `latest_step()`."""
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = orbax_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "record"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 from pathlib import Path
 
@@ -13,7 +14,22 @@ RECIPE_DIR = importlib.resources.files("train") / "recipes"  # package data: NAM
 
 
 class TrainConfigError(ValueError):
-    pass
+    """A bad training config; `key` names the config key at fault, when there is one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    """`key=value` from the command line -> (key, value parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise TrainConfigError(f"command-line override {item!r}: expected key=value")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"command-line override {item!r}: the value is not valid YAML ({e})") from None
 
 
 def recipe_names() -> tuple[str, ...]:
@@ -78,7 +94,7 @@ class TrainConfig:
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
         """Reads a YAML file or bundled recipe name (None: defaults) and applies `key=value` overrides (values
         parsed as YAML)."""
-        raw = {}
+        raw, origin = {}, {}
         if path is not None:
             path = recipe_path(path)
             try:
@@ -88,19 +104,24 @@ class TrainConfig:
                                        f"recipe name: {', '.join(recipe_names())}): {e}") from None
             if not isinstance(raw, dict):
                 raise TrainConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+            origin = dict.fromkeys(raw, str(path))
         for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise TrainConfigError(f"override {item!r}: expected key=value")
-            raw[key.strip()] = yaml.safe_load(value)
-        return cls.from_dict(raw, where=str(path) if path else "overrides")
+            key, value = _parse_override(item)
+            raw[key], origin[key] = value, f"command-line override {item!r}"
+        return cls.from_dict(raw, where=str(path) if path else "command line", origin=origin)
 
     @classmethod
-    def from_dict(cls, raw: dict, where: str = "config") -> TrainConfig:
+    def from_dict(cls, raw: dict, where: str = "config", origin: dict | None = None) -> TrainConfig:
+        """`origin` maps keys to where their values came from (a file, a command-line override), for errors
+        about one key; other errors name `where`."""
+        origin = origin or {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(fields))
         if unknown:
-            raise TrainConfigError(f"{where}: unknown config key(s) {unknown}; known keys: {sorted(fields)}")
+            sources = "; ".join(sorted({origin.get(k, where) for k in unknown}))
+            hints = [m[0] for k in unknown if (m := difflib.get_close_matches(k, fields, 1))]
+            hint = f" (did you mean {' or '.join(map(repr, hints))}?)" if hints else ""
+            raise TrainConfigError(f"{sources}: unknown config key(s) {unknown}{hint}; known keys: {sorted(fields)}")
         values = {}
         for key, value in raw.items():
             if key in ("train_data", "eval_data", "frozen") and isinstance(value, str):
@@ -113,11 +134,19 @@ class TrainConfig:
             values[key] = value
         try:
             return cls(**values)
-        except TypeError as e:
-            raise TrainConfigError(f"{where}: {e}") from None
+        except TrainConfigError as e:
+            if e.key is None:
+                raise
+            raise TrainConfigError(f"{origin.get(e.key, where)}: {e}", key=e.key) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def help_text(cls) -> str:
+        """The config keys and their defaults, for a CLI's --help."""
+        defaults = dataclasses.asdict(cls())
+        return "config keys (default):\n" + "\n".join(f"  {k} = {v!r}" for k, v in defaults.items())
 
 
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "dict": dict}
@@ -132,21 +161,24 @@ def _check(c: TrainConfig) -> None:
         ok = (value is None and "None" in kinds) or (isinstance(value, allowed) and
                                                      not (isinstance(value, bool) and bool not in allowed))
         if not ok:
-            raise TrainConfigError(f"config key {f.name!r}: expected {f.type}, got {value!r}")
+            raise TrainConfigError(f"config key {f.name!r}: expected {f.type}, got {value!r}", key=f.name)
     for key in ("train_data", "eval_data", "frozen"):
         if not all(isinstance(item, str) for item in getattr(c, key)):
-            raise TrainConfigError(f"config key {key!r}: expected a list of strings, got {getattr(c, key)!r}")
+            raise TrainConfigError(f"config key {key!r}: expected a list of strings, got {getattr(c, key)!r}",
+                                   key=key)
     choices = {"overflow": ("split", "reject"), "remat": ("none", "full", "dots"),
                "param_dtype": ("float32", "bfloat16"), "compute_dtype": ("float32", "bfloat16")}
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
-            raise TrainConfigError(f"config key {key!r}: {getattr(c, key)!r} is not one of {list(allowed)}")
+            raise TrainConfigError(f"config key {key!r}: {getattr(c, key)!r} is not one of {list(allowed)}",
+                                   key=key)
     positive = ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep_checkpoints", "eval_every",
                 "eval_batches", "log_every")
     for key in positive:
         if getattr(c, key) <= 0:
-            raise TrainConfigError(f"config key {key!r}: expected a positive integer, got {getattr(c, key)}")
+            raise TrainConfigError(f"config key {key!r}: expected a positive integer, got {getattr(c, key)}",
+                                   key=key)
     if c.batch_size % c.grad_accum:
         raise TrainConfigError(f"batch_size={c.batch_size} is not a multiple of grad_accum={c.grad_accum}")
     if c.seq_len < 2:
-        raise TrainConfigError(f"seq_len={c.seq_len}: need at least 2 tokens per row")
+        raise TrainConfigError(f"seq_len={c.seq_len}: need at least 2 tokens per row", key="seq_len")

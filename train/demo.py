@@ -7,12 +7,17 @@ init from the bundled recipe train/recipes/demo.yaml), Orbax checkpoints, the fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
+
+from qwen35_jax.cli import argument_parser, command
+from train.config import RECIPE_DIR, TrainConfig
+from train.finetune import TrainingDiverged, run
 
 def make_problems(n: int, digits: int, rng: random.Random, exclude: set = frozenset()) -> list[tuple[str, str]]:
     """n distinct (prompt "a+b=", answer "c") pairs with operands of 1..digits digits, none in `exclude`."""
@@ -58,20 +63,63 @@ def exact_match(checkpoint: Path, problems, batch: int = 64) -> tuple[float, lis
     return sum(a == got for _, a, got in rows) / len(rows), rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="work folder (data, tokenizer, checkpoints)")
-    parser.add_argument("--digits", type=int, default=3, help="operands have up to this many digits")
-    parser.add_argument("--train-problems", type=int, default=20000)
-    parser.add_argument("--test-problems", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of train/recipes/demo.yaml")
-    args = parser.parse_args(argv)
+DEMO_FILES = ("train.jsonl", "test.jsonl", "tokenizer")  # what the demo writes in --out besides the run folder
 
-    from train.config import RECIPE_DIR, TrainConfig
-    from train.finetune import run
+
+def build_parser():
+    parser = argument_parser(__doc__.split("\n\n")[0], epilog="Run `python -m train.finetune --help` for the "
+                             "config keys; the demo's values are in train/recipes/demo.yaml.")
+    parser.add_argument("--out", default="runs/demo", help="work folder (data, tokenizer, the run folder `run`)")
+    parser.add_argument("--digits", type=int, default=3, help="operands have up to this many digits")
+    parser.add_argument("--train-problems", type=int, default=20000, help="training problems")
+    parser.add_argument("--test-problems", type=int, default=500, help="held-out problems (eval loss, accuracy)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the problems and the model's init")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier demo's files and run folder in --out (never done otherwise)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of train/recipes/demo.yaml (e.g. steps=300), anywhere on the command line")
+    return parser
+
+
+def check_problem_counts(args) -> None:
+    if args.digits < 1 or args.train_problems < 1 or args.test_problems < 1:
+        raise ValueError("--digits, --train-problems and --test-problems must be >= 1")
+    possible = 10 ** (2 * args.digits)
+    if args.train_problems + args.test_problems > possible:
+        raise ValueError(f"--digits {args.digits} allows {possible} distinct problems, fewer than --train-problems "
+                         f"{args.train_problems} + --test-problems {args.test_problems}")
+
+
+def claim_output(out: Path, run_dir: Path, overwrite: bool) -> None:
+    """Refuses to replace an earlier demo's files unless asked; with `overwrite`, removes the old run folder
+    (the data and tokenizer files are rewritten in place)."""
+    earlier = [p for p in (*(out / name for name in DEMO_FILES), run_dir) if p.exists()]
+    if earlier and not overwrite:
+        raise ValueError(f"{out}: holds an earlier demo ({', '.join(str(p) for p in earlier)}); pass --overwrite "
+                         "to replace it, or choose another --out")
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+
+
+def next_steps(final: Path, run_dir: Path) -> str:
+    model = shlex.quote(str(final))
+    return (f"final checkpoint: {final}   (loss curve: {run_dir / 'loss.png'})\n"
+            f"try it:  python -m infer.generate --model {model} --prompt \"12+34=\" --temperature 0 "
+            "--max-new-tokens 8")
+
+
+@command(failures=(TrainingDiverged,))
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    check_problem_counts(args)
     start = time.perf_counter()
     out = Path(args.out)
+    tc = TrainConfig.load(RECIPE_DIR / "demo.yaml",
+                          [f"train_data={out / 'train.jsonl'}", f"eval_data={out / 'test.jsonl'}",
+                           f"tokenizer={out / 'tokenizer'}", f"output_dir={out / 'run'}",
+                           f"seed={args.seed}", *args.overrides])
+    run_dir = Path(tc.output_dir)
+    claim_output(out, run_dir, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     test = make_problems(args.test_problems, args.digits, rng)
@@ -80,13 +128,6 @@ def main(argv=None) -> int:
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "test.jsonl", test)
     train_tokenizer(out / "tokenizer", train)
-    tc = TrainConfig.load(RECIPE_DIR / "demo.yaml",
-                          [f"train_data={out / 'train.jsonl'}", f"eval_data={out / 'test.jsonl'}",
-                           f"tokenizer={out / 'tokenizer'}", f"output_dir={out / 'run'}",
-                           f"seed={args.seed}", *args.overrides])
-    if (out / "run" / "checkpoints").exists():
-        import shutil
-        shutil.rmtree(out / "run")  # a fresh demo each time
     summary = run(tc)
     trained = time.perf_counter()
     accuracy, rows = exact_match(Path(summary["final"]), test)
@@ -95,6 +136,7 @@ def main(argv=None) -> int:
     print(f"trained {tc.steps} steps in {trained - start:.0f} s (final train loss {summary['loss']:.4f}, held-out "
           f"loss {summary['eval_loss']:.4f}); exact-match accuracy on {len(rows)} held-out problems: "
           f"{100 * accuracy:.1f}% (total {time.perf_counter() - start:.0f} s)")
+    print(next_steps(run_dir / "final", run_dir))
     return 0
 
 

@@ -4,7 +4,6 @@ data, checkpointing with Orbax, and saving the final weights as a model checkpoi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -16,15 +15,16 @@ import numpy as np
 from flax import nnx
 
 from qwen35_jax.checkpoint.orbax_io import ASSETS, export_to_hf, is_orbax_checkpoint, save_model
-from qwen35_jax.checkpoint.safetensors_io import CheckpointError
-from qwen35_jax.config import ConfigError, ModelConfig
+from qwen35_jax.cli import argument_parser, command
+from qwen35_jax.config import ModelConfig
 from qwen35_jax.loading import load_model, resolve_dtype, shard_model
 from qwen35_jax.nn.model import Qwen35
-from qwen35_jax.sharding import MeshError, make_mesh
-from qwen35_jax.tokenizer import Tokenizer, TokenizerError
+from qwen35_jax.sharding import make_mesh
+from qwen35_jax.tokenizer import Tokenizer
 from train.checkpoint import RunCheckpoints
 from train.config import TrainConfig, TrainConfigError
-from train.data import DataError, PackedDataset, load_dataset
+from train.data import PackedDataset, load_dataset
+from train.plot import write_loss_plot
 from train.step import Trainer
 
 
@@ -198,6 +198,8 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
             if done % tc.log_every == 0 or done == tc.steps or "eval_loss" in entry:
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
+            if "eval_loss" in entry:
+                write_loss_plot(log.name)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                             gnorm=f"{metrics['grad_norm']:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}")
             bar.update(1)
@@ -208,25 +210,23 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
         bar.close()
         log.close()
         checkpoints.wait()
+        write_loss_plot(log.name)  # train and held-out loss so far, beside log.jsonl
     summary["params"] = state["params"]
     return summary
 
 
+@command(failures=(TrainingDiverged,))
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__.split("\n\n")[0], epilog=TrainConfig.help_text())
     parser.add_argument("--config", help="YAML training config, or a bundled recipe name (train/recipes/: "
-                                         "demo, sft-example)")
+                                         "demo, sft-example); without it, the defaults below")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        tc = TrainConfig.load(args.config, args.overrides)
-        summary = run(tc, resume=args.resume, progress=not args.no_progress)
-    except (TrainConfigError, TrainingDiverged, DataError, ConfigError, TokenizerError, CheckpointError,
-            MeshError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides (values parsed as YAML), anywhere on the command line")
+    args = parser.parse_intermixed_args(argv)
+    tc = TrainConfig.load(args.config, args.overrides)
+    summary = run(tc, resume=args.resume, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, np.ndarray)}))
     return 0
 

@@ -48,6 +48,12 @@ def is_orbax_checkpoint(path: str | Path) -> bool:
     return Path(path, "_CHECKPOINT_METADATA").exists()
 
 
+def orbax_path(path: str | Path) -> Path:
+    """The absolute form of a checkpoint path: Orbax reads and writes absolute paths only (a relative one
+    reads as an empty checkpoint). Every call into Orbax takes its path from here."""
+    return Path(path).expanduser().absolute()
+
+
 def _nest(tree: dict, keys: tuple[str, ...], value) -> dict:
     node = tree
     for k in keys[:-1]:
@@ -84,7 +90,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloa
     Memory is bounded by batch_bytes plus the largest rule's tensors (one layer's fused experts), not the model.
     Writes into a staging folder renamed to `out` at the end: an interrupted run leaves nothing at `out`.
     """
-    hf_dir, out = Path(hf_dir), Path(out).absolute()  # Orbax wants absolute paths
+    hf_dir, out = Path(hf_dir), orbax_path(out)
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(STORE_DTYPES)}")
     if out.exists() and not overwrite:
@@ -126,7 +132,7 @@ def save_model(model, out: str | Path, dtype: str = "float32", assets_from: str 
     """Writes an in-memory `Qwen35` as a model checkpoint in the converter's layout (loadable by `load_model`,
     `Engine.load`, exportable with `export_to_hf`); tokenizer files are copied from `assets_from` when given.
     Staged and renamed at the end, like a conversion."""
-    out = Path(out).absolute()  # Orbax wants absolute paths
+    out = orbax_path(out)
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(STORE_DTYPES)}")
     if out.exists() and not overwrite:
@@ -180,7 +186,7 @@ def _progress(folder, rules, extras, enabled):
 
 
 def read_metadata(path: str | Path) -> dict:
-    path = Path(path)
+    path = orbax_path(path)
     if not is_orbax_checkpoint(path):
         raise CheckpointError(f"{path}: not an Orbax checkpoint (no _CHECKPOINT_METADATA)")
     custom = ocp.metadata(path).custom_metadata or {}
@@ -195,7 +201,7 @@ def read_metadata(path: str | Path) -> dict:
 def load_orbax(path: str | Path, dtype=jnp.float32, mesh=None, cfg: ModelConfig | None = None):
     """Restores a converted checkpoint as a `Qwen35` of `dtype`. With a mesh, every array is read straight
     into its target sharding (each device reads its own slice); per-layer arrays are then stacked on device."""
-    path = Path(path)
+    path = orbax_path(path)
     cfg = cfg or ModelConfig.from_dict(read_metadata(path)["config"], where=str(path))
     graphdef, state, variables = abstract_model(cfg, dtype)
     rules = checkpoint_rules(cfg)
@@ -240,7 +246,10 @@ def _slice_sharding(variable, mesh, rule: Rule):
 
 
 def _stored_tree(path: Path) -> dict:
-    return ocp.metadata(path).metadata
+    tree = ocp.metadata(orbax_path(path)).metadata
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path}: the Orbax checkpoint holds no readable array tree")
+    return tree
 
 
 def _has(tree, keys) -> bool:
@@ -260,7 +269,7 @@ def _get(tree, keys):
 def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
     """Writes an HF folder (config.json, sharded safetensors in the released layout: `model.language_model.`
     prefix, fused experts; model.safetensors.index.json) that transformers `from_pretrained` loads."""
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = orbax_path(ckpt), Path(out)
     meta = read_metadata(ckpt)
     cfg = ModelConfig.from_dict(meta["config"], where=str(ckpt))
     stored = _stored_tree(ckpt)
