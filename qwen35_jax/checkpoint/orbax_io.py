@@ -1,5 +1,5 @@
 """Orbax checkpoints: streaming HF -> Orbax conversion, restore (optionally straight into shardings),
-and export back to HF safetensors.
+and export back to HF safetensors (written by `safetensors_io.ShardWriter`).
 
 Layout (an Orbax v1 PyTree checkpoint): {"params": {our arrays, per HF layer: "layers"/"7"/...},
 "extra": {HF name: tensor} (vision and MTP tensors, carried as stored)}; the model config (HF form) and the
@@ -24,7 +24,7 @@ from flax import nnx
 
 from qwen35_jax.checkpoint.hf_loader import abstract_model, check_tensors, layer_shape
 from qwen35_jax.checkpoint.names import Rule, checkpoint_rules, detect_layout, is_skipped
-from qwen35_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFolder
+from qwen35_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFolder, ShardWriter
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.sharding import variable_sharding
 
@@ -276,7 +276,7 @@ def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2
     staging = out.parent / f"{out.name}-exporting"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    writer = _ShardWriter(staging, max_shard_bytes)
+    writer = ShardWriter(staging, max_shard_bytes)
     host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 
     def abstract(tree):
@@ -301,38 +301,3 @@ def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2
         shutil.rmtree(out)
     os.replace(staging, out)
     return out
-
-
-class _ShardWriter:
-    """Accumulates tensors into safetensors shards of at most max_bytes, then writes the index."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending, self.pending_bytes, self.shards = {}, 0, []
-
-    def add(self, name: str, value: np.ndarray):
-        if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = np.ascontiguousarray(value)
-        self.pending_bytes += value.nbytes
-
-    def _flush(self):
-        from safetensors.numpy import save_file
-        file = f"model-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.pending, self.folder / file, metadata={"format": "pt"})
-        self.shards.append((file, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self):
-        if self.pending:
-            self._flush()
-        n = len(self.shards)
-        weight_map, total = {}, 0
-        for i, (file, names) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / file, self.folder / final)
-            weight_map.update({name: final for name in names})
-        for file in self.folder.glob("*.safetensors"):
-            total += file.stat().st_size
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

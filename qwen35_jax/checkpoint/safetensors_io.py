@@ -1,4 +1,4 @@
-"""Memory-mapped safetensors reading with errors that name the file and tensor.
+"""Safetensors: memory-mapped reading with errors that name the file and tensor, and sharded writing.
 
 The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
 then the raw bytes. Tensors come back as read-only numpy views of a memory map (bfloat16 via ml_dtypes),
@@ -8,11 +8,13 @@ so reading one tensor touches only its own bytes.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -131,3 +133,38 @@ class SafetensorsFolder:
 
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
+
+
+class ShardWriter:
+    """Writes tensors into `folder` as HF-style safetensors shards of at most `max_bytes` each
+    (`model-00001-of-0000N.safetensors`) and, on `close()`, the `model.safetensors.index.json` naming them."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending, self.pending_bytes, self.shards = {}, 0, []
+
+    def add(self, name: str, value: np.ndarray):
+        if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
+            self._flush()
+        self.pending[name] = np.ascontiguousarray(value)
+        self.pending_bytes += value.nbytes
+
+    def _flush(self):
+        file = f"model-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.pending, self.folder / file, metadata={"format": "pt"})
+        self.shards.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        if self.pending:
+            self._flush()
+        n = len(self.shards)
+        weight_map, total = {}, 0
+        for i, (file, names) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / file, self.folder / final)
+            weight_map.update({name: final for name in names})
+        for file in self.folder.glob("*.safetensors"):
+            total += file.stat().st_size
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
