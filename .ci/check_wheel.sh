@@ -7,7 +7,8 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python3}"
 constraints="${CONSTRAINTS-$repo/.ci/constraints-py311.txt}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/qwen35-wheel-check.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+keep_build="$([ -e "$repo/build" ] && echo yes || true)"  # setuptools builds in the tree: remove what it adds
+trap 'rm -rf "$work"; [ -n "$keep_build" ] || rm -rf "$repo/build"' EXIT
 
 "$python" -m pip wheel -q --no-deps "$repo" -w "$work/wheel"
 "$python" -m venv "$work/venv"
@@ -30,6 +31,9 @@ for label, found, expected in [("presets", preset_names(), os.environ["EXPECT_PR
                                ("recipes", recipe_names(), os.environ["EXPECT_RECIPES"]),
                                ("benchmark configs", bench_config_names(), os.environ["EXPECT_BENCH"])]:
     assert list(found) == expected.split(), f"installed {label} {list(found)} != repo's {expected.split()}"
+from importlib.metadata import version
+print("installed:", ", ".join(f"{p} {version(p)}" for p in ("qwen35-jax", "jax", "jaxlib", "flax", "optax",
+                                                             "orbax-checkpoint")))
 for name in preset_names():
     cfg = ModelConfig.from_hf(name)
     print(f"preset {name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, experts {cfg.num_experts}")
