@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.eos_token_ids = eos_token_ids
         self.special_tokens = special_tokens  # bos_token, eos_token, pad_token, ... as text
+        self._unrepresentable: set[str] = set()  # characters already warned about
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -63,8 +65,25 @@ class Tokenizer:
         return self.backend.vocab_size
 
     def encode(self, text: str) -> list[int]:
-        """Text to ids; no BOS/EOS added (Qwen3.5 adds none); special-token text maps to its id."""
-        return self.backend.encode(text)
+        """Text to ids; no BOS/EOS added (Qwen3.5 adds none); special-token text maps to its id.
+        Characters the vocabulary cannot represent become the unknown token, with a warning (once per
+        character) naming them."""
+        ids = self.backend.encode(text)
+        unk = self.backend.unk_id
+        if unk is not None and unk in ids:
+            self._warn_unrepresentable(text)
+        return ids
+
+    def _warn_unrepresentable(self, text: str) -> None:
+        unk_text = self.backend.id_to_token(self.backend.unk_id)
+        spans = [span for span in self.backend.unknown_text(text) if span != unk_text]
+        new = sorted(set("".join(spans)) - self._unrepresentable)
+        if new:
+            self._unrepresentable.update(new)
+            shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in new[:20])
+            more = f" and {len(new) - 20} more" if len(new) > 20 else ""
+            warnings.warn(f"the tokenizer cannot represent {shown}{more}: encoded as the unknown token "
+                          f"{unk_text!r}", stacklevel=3)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens)
@@ -138,9 +157,19 @@ class _HFBackend:
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise TokenizerError(f"{path}: cannot be read as a tokenizers file ({e})") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        unk = getattr(self.tok.model, "unk_token", None)  # BPE / WordPiece / WordLevel (byte-level BPE: None)
+        self.unk_id = self.tok.token_to_id(unk) if isinstance(unk, str) else None
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def id_to_token(self, i):
+        return self.tok.id_to_token(i)
+
+    def unknown_text(self, text) -> list[str]:
+        """The spans of `text` encoded as the unknown token."""
+        encoding = self.tok.encode(text, add_special_tokens=False)
+        return [text[a:b] for (a, b), i in zip(encoding.offsets, encoding.ids) if i == self.unk_id]
 
     def decode(self, ids, skip_special_tokens):
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -158,9 +187,19 @@ class _SentencePieceBackend:
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{path}: cannot be read as a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.GetPieceSize()
+        self.unk_id = self.sp.unk_id() if self.sp.unk_id() >= 0 else None
 
     def encode(self, text):
         return self.sp.EncodeAsIds(text)
+
+    def id_to_token(self, i):
+        return self.sp.IdToPiece(i)
+
+    def unknown_text(self, text) -> list[str]:
+        """The spans of `text` encoded as the unknown token (an unknown piece keeps its surface text)."""
+        pieces = self.sp.EncodeAsPieces(text)
+        return [piece.replace("\u2581", " ") for piece, i in zip(pieces, self.sp.EncodeAsIds(text))
+                if i == self.unk_id]
 
     def decode(self, ids, skip_special_tokens):
         if skip_special_tokens:

@@ -71,3 +71,39 @@ def test_missing_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(TokenizerError, match="tokenizer.json: cannot be read"):
         Tokenizer.load(tmp_path)
+
+
+def test_unrepresentable_text_warns_once_per_character(tmp_path):
+    """A SentencePiece model without byte fallback (the demo's) maps unseen characters to <unk>: say which."""
+    import random
+    import warnings
+    from train.demo import make_problems, train_tokenizer
+    train_tokenizer(tmp_path, make_problems(300, 2, random.Random(0)))
+    tok = Tokenizer.load(tmp_path)
+    unk = tok.token_id("<unk>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert unk not in tok.encode("12+34=")  # representable: silent
+    with pytest.warns(UserWarning, match=r"cannot represent ' ' \(U\+0020\), 'x' \(U\+0078\): encoded as the "
+                                         r"unknown token '<unk>'"):
+        assert unk in tok.encode("12 x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert unk in tok.encode("x 3")  # already named
+    with pytest.warns(UserWarning, match=r"cannot represent 'é' \(U\+00E9\):"):
+        tok.encode("é x")
+
+
+def test_unrepresentable_text_warns_with_a_tokenizers_file(tmp_path):
+    import warnings
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    hf = HFTokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tok.encode("a b") == [0, 1]
+    with pytest.warns(UserWarning, match=r"cannot represent 'c' \(U\+0063\).*'\[UNK\]'"):
+        assert tok.encode("a c b") == [0, 2, 1]
