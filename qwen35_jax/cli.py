@@ -32,7 +32,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def argument_parser(description: str, **kwargs) -> argparse.ArgumentParser:
+def argument_parser(description: str, module: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """A parser showing defaults. `module`: the CLI's module name (`__spec__.name`), so that usage reads
+    `python -m train.demo` when run that way (argparse alone says `demo.py`)."""
+    running = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if module is not None and running is not None and running.name == module:
+        kwargs.setdefault("prog", f"python -m {module}")
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
 
 

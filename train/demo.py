@@ -67,8 +67,9 @@ DEMO_FILES = ("train.jsonl", "test.jsonl", "tokenizer")  # what the demo writes 
 
 
 def build_parser():
-    parser = argument_parser(__doc__.split("\n\n")[0], epilog="Run `python -m train.finetune --help` for the "
-                             "config keys; the demo's values are in train/recipes/demo.yaml.")
+    parser = argument_parser(__doc__.split("\n\n")[0], module=__spec__.name,
+                             epilog="Run `python -m train.finetune --help` for the config keys; the demo's values "
+                                    "are in train/recipes/demo.yaml.")
     parser.add_argument("--out", default="runs/demo", help="work folder (data, tokenizer, the run folder `run`)")
     parser.add_argument("--digits", type=int, default=3, help="operands have up to this many digits")
     parser.add_argument("--train-problems", type=int, default=20000, help="training problems")
