@@ -66,12 +66,14 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, dtype="float32", max_len: int = 4096, mesh=None, prefill_chunk: int = 512,
-             tokenizer: Tokenizer | str | Path | None = None) -> Engine:
+             tokenizer: Tokenizer | str | Path | None = None, compute_dtype=None) -> Engine:
         """Loads a checkpoint folder (and its tokenizer, when the folder has one).
 
-        With a mesh, parameters are sharded by the rules of qwen35_jax.sharding, the MoE runs expert-parallel
-        under shard_map, and XLA inserts the other collectives; the decode state starts replicated."""
-        model = load_model(path, dtype=dtype, mesh=mesh, scan_layers=False)
+        dtype / compute_dtype as in `load_model`: on CPU a bfloat16 load computes (and keeps its decode state)
+        in float32 unless compute_dtype="bfloat16". With a mesh, parameters are sharded by the rules of
+        qwen35_jax.sharding, the MoE runs expert-parallel under shard_map, and XLA inserts the other
+        collectives; the decode state starts replicated."""
+        model = load_model(path, dtype=dtype, mesh=mesh, scan_layers=False, compute_dtype=compute_dtype)
         if tokenizer is None:  # an HF folder holds its tokenizer; a converted checkpoint keeps it in assets/
             tokenizer = next((Tokenizer.load(d) for d in (Path(path), Path(path) / ASSETS)
                               if any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model"))), None)

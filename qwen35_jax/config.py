@@ -20,6 +20,36 @@ SUPPORTED_ROPE_TYPES = ("default",)
 SUPPORTED_ACTIVATIONS = ("silu",)
 REMAT_POLICIES = ("none", "full", "dots")
 
+# HF-config fields read only to check them: this implementation computes with the one value given (with what
+# it means); any other value would load and silently compute something else, so it is a ConfigError.
+FIXED_FIELDS = {
+    "attention_bias": (False, "attention projections without biases, as every released checkpoint"),
+    "attention_dropout": (0.0, "no attention dropout"),
+    "attn_output_gate": (True, "the sigmoid output gate of Qwen3.5 attention, always on (HF ignores the field)"),
+    "norm_topk_prob": (True, "top-k routing weights renormalised to sum 1 (HF always renormalises)"),
+    "mamba_ssm_dtype": ("float32", "a float32 Gated DeltaNet recurrent state"),
+    "mtp_use_dedicated_embeddings": (False, "an MTP block sharing the model's embeddings"),
+    "decoder_sparse_step": (1, "an MoE block in every layer of an MoE model"),
+    "mlp_only_layers": ([], "an MoE block in every layer of an MoE model"),
+    "use_qk_norm": (True, "per-head q/k RMSNorm in every attention layer"),
+    "output_gate_type": (None, "the Qwen3.5 attention output gate (this Qwen3.6 field is not supported)"),
+}
+FIXED_ROPE_FIELDS = {
+    "mrope_interleaved": (True, "the interleaved mRoPE layout (HF hard-codes it and ignores the field)"),
+}
+FIXED_VISION_FIELDS = {
+    "deepstack_visual_indexes": ([], "no DeepStack feature injection (Qwen3.5 has none, unlike Qwen3-VL)"),
+}
+# HF-config fields that do not change what the model computes (kept out of ModelConfig on purpose).
+NON_ARCHITECTURAL_FIELDS = {
+    "use_cache": "inference always keeps a decode state (qwen35_jax.cache)",
+    "pad_token_id": "a tokenizer setting", "bos_token_id": "a tokenizer setting",
+    "eos_token_id": "a tokenizer / generation setting",
+    "output_router_logits": "training: the router losses are set by the train config (train.config)",
+    "dtype": "the storage dtype: chosen when loading (load_model(dtype=...))",
+    "full_attention_interval": "only builds layer_types when a config has none",
+}
+
 
 class ConfigError(ValueError):
     """A config that cannot describe a Qwen3.5 model; the message names the field and the source."""
@@ -70,6 +100,7 @@ class ModelConfig:
     mrope_section: tuple[int, ...] = (11, 11, 10)
     hidden_act: str = "silu"
     max_position_embeddings: int = 262144
+    initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     mtp_num_hidden_layers: int = 0
     vision: VisionConfig | None = None
@@ -201,6 +232,8 @@ def _text_kwargs(text: dict, where: str) -> dict[str, Any]:
         kwargs["layer_types"] = default_layer_types(text["num_hidden_layers"],
                                                     text.get("full_attention_interval", 4))
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    _check_fixed(text, FIXED_FIELDS, where)
+    _check_fixed(rope, FIXED_ROPE_FIELDS, where, prefix="rope_parameters.")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{where}: rope_parameters.rope_type={rope_type!r} is not supported "
@@ -216,7 +249,23 @@ def _text_kwargs(text: dict, where: str) -> dict[str, Any]:
     return kwargs
 
 
+def _check_fixed(data: dict, fixed: dict, where: str, prefix: str = "") -> None:
+    """Raises ConfigError for the first field of `data` that differs from its one supported value."""
+    for name, (supported, meaning) in fixed.items():
+        if name in data and not _same(data[name], supported):
+            raise ConfigError(f"{where}: {prefix}{name}={data[name]!r} is not supported: this implementation "
+                              f"computes {meaning} ({prefix}{name}={supported!r})")
+
+
+def _same(value, supported) -> bool:
+    """JSON-level equality that keeps bools apart from numbers (`0 == False` in Python)."""
+    if isinstance(supported, bool) or isinstance(value, bool):
+        return value is supported
+    return value == supported
+
+
 def _vision_config(vision: dict, where: str) -> VisionConfig:
+    _check_fixed(vision, FIXED_VISION_FIELDS, where, prefix="vision_config.")
     names = {f.name for f in dataclasses.fields(VisionConfig)}
     return VisionConfig(**{k: v for k, v in vision.items() if k in names})
 

@@ -86,7 +86,7 @@ def build_step(cfg, mesh, mode: str, batch: int, seq: int):
     # Compiled in float32 in every mode: XLA:CPU upcasts bf16 matmul operands to float32, which would add a
     # float32 copy of every weight to the temporaries; inference bytes are reported at bf16 (run()).
     dtype = jnp.float32
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35(cfg, dtype, nnx.Rngs(0))))
+    graphdef, state = nnx.split(Qwen35.abstract(cfg, dtype))
     params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
                                                          sharding=variable_sharding(v, mesh)),
                           state, is_leaf=lambda x: isinstance(x, nnx.Variable))

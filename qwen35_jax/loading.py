@@ -13,6 +13,7 @@ from qwen35_jax.checkpoint.orbax_io import is_orbax_checkpoint, load_orbax, read
 from qwen35_jax.checkpoint.safetensors_io import CheckpointError
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.model import Qwen35
+from qwen35_jax.precision import compute_dtype as policy_compute_dtype
 from qwen35_jax.sharding import variable_sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,24 +28,46 @@ def resolve_dtype(dtype):
 
 
 def load_model(path: str | Path, dtype="float32", mesh: jax.sharding.Mesh | None = None,
-               scan_layers: bool = True) -> Qwen35:
+               scan_layers: bool = True, compute_dtype=None) -> Qwen35:
     """Loads an Orbax checkpoint (from `python -m qwen35_jax.convert`) or an HF checkpoint folder
-    (config.json + safetensors) as a `Qwen35` with `dtype` parameters.
+    (config.json + safetensors) as a `Qwen35`.
 
+    dtype: the weights' storage precision (their values are rounded to it). compute_dtype: the dtype the
+    parameters are held and computed in; None follows the policy of `qwen35_jax.precision.compute_dtype`:
+    float32 on CPU (a bfloat16 load holds float32 copies of the bfloat16 values: XLA:CPU bfloat16 dots run
+    ~10x slower), `dtype` elsewhere. `compute_dtype="bfloat16"` forces genuine bfloat16 numerics on CPU.
     With a mesh, parameters are placed by the sharding rules (qwen35_jax.sharding); an Orbax checkpoint is
     read straight into those shardings. `scan_layers=False` gives one module per layer (what decoding wants).
     `model(input_ids)`: int32 [batch, seq] -> logits [batch, seq, vocab].
     """
     path = Path(path)
-    dtype = resolve_dtype(dtype)
+    storage = resolve_dtype(dtype)
+    platform = None if mesh is None else mesh.devices.flat[0].platform
+    compute = policy_compute_dtype(storage, platform) if compute_dtype is None else resolve_dtype(compute_dtype)
     if is_orbax_checkpoint(path):
         cfg = ModelConfig.from_dict(read_metadata(path)["config"], where=str(path), scan_layers=scan_layers)
-        return load_orbax(path, dtype, mesh, cfg)
+        return cast_model(load_orbax(path, storage, mesh, cfg), compute)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder (expected an Orbax checkpoint, or config.json "
                               "and *.safetensors)")
-    model = load_hf(path, dtype, ModelConfig.from_hf(path, scan_layers=scan_layers))
+    model = cast_model(load_hf(path, storage, ModelConfig.from_hf(path, scan_layers=scan_layers)), compute)
     return model if mesh is None else shard_model(model, mesh)
+
+
+def cast_model(model: Qwen35, dtype) -> Qwen35:
+    """The model with every floating-point parameter (values kept, shardings kept) and `model.dtype` in `dtype`;
+    the model itself when it already is."""
+    dtype = jnp.dtype(dtype)
+    if jnp.dtype(model.dtype) == dtype:
+        return model
+    graphdef, state = nnx.split(model)
+    for _, variable in nnx.to_flat_state(state):
+        value = variable.get_value()
+        if jnp.issubdtype(value.dtype, jnp.floating):
+            variable.set_value(value.astype(dtype))
+    model = nnx.merge(graphdef, state)
+    model.dtype = dtype
+    return model
 
 
 def shard_model(model: Qwen35, mesh: jax.sharding.Mesh) -> Qwen35:

@@ -3,13 +3,22 @@
 import jax
 import jax.numpy as jnp
 
+from qwen35_jax.precision import precision_scope
+
+
 def cross_entropy_sum(hidden: jax.Array, head, targets: jax.Array, mask: jax.Array, chunk: int = 0) -> jax.Array:
     """Sum over counted tokens of -log softmax(head(hidden))[target], float32.
 
     hidden: [B, L, H]; head: callable [..., H] -> [..., vocab] logits; targets: int [B, L]; mask: [B, L] (1 =
     counted). chunk > 0 computes the logits `chunk` tokens at a time under remat, so the [tokens, vocab]
     logits (and their gradient) never exist at once (what 248K-vocabulary models need); 0 = in one go.
+    Traced under the precision policy of hidden's dtype (qwen35_jax.precision).
     """
+    with precision_scope(hidden.dtype):
+        return _cross_entropy_sum(hidden, head, targets, mask, chunk)
+
+
+def _cross_entropy_sum(hidden, head, targets, mask, chunk):
     tokens = hidden.reshape(-1, hidden.shape[-1])
     targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
 

@@ -18,7 +18,7 @@ from qwen35_jax.nn.model import Qwen35
 def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State, dict]:
     """(graphdef, abstract state, {path: abstract Variable of that state}) of the model, nothing allocated;
     setting values on the Variables fills the state for `nnx.merge(graphdef, state)`."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35(cfg, dtype, nnx.Rngs(0))))
+    graphdef, state = nnx.split(Qwen35.abstract(cfg, dtype))
     return graphdef, state, {tuple(p): v for p, v in nnx.to_flat_state(state)}
 
 

@@ -19,14 +19,16 @@ class GatedAttention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, nq, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = param(rngs, (h, nq, 2 * d), ("embed", "heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (h, nkv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (h, nkv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o_proj = param(rngs, (nq, d, h), ("heads", "head_dim", "embed"), dtype)
+        std = cfg.initializer_range
+        self.q_proj = param(rngs, (h, nq, 2 * d), ("embed", "heads", "head_dim"), dtype, std=std)
+        self.k_proj = param(rngs, (h, nkv, d), ("embed", "kv_heads", "head_dim"), dtype, std=std)
+        self.v_proj = param(rngs, (h, nkv, d), ("embed", "kv_heads", "head_dim"), dtype, std=std)
+        self.o_proj = param(rngs, (nq, d, h), ("heads", "head_dim", "embed"), dtype, std=std)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, rngs, axis_name="head_dim")
         self.head_dim = d
 
+    @jax.named_scope("attention")
     def __call__(self, x: jax.Array, ctx, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
         """x: [B, L, H]; ctx: the layer Context (cos/sin [B, L, rot], mask [B|1, L, S], starts [B]).
 

@@ -49,8 +49,9 @@ class DecoderLayer(nnx.Module):
         if cfg.is_moe:
             self.mlp = SparseMoe(cfg, dtype, rngs)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, cfg.initializer_range)
 
+    @jax.named_scope("decoder_layer")
     def __call__(self, x: jax.Array, ctx: Context, state: dict | None = None):
         """x: [B, L, H] -> ([B, L, H], the layer's new decode state or None, router stats or None)."""
         h = self.input_layernorm(x)

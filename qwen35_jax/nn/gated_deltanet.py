@@ -21,23 +21,23 @@ class GatedDeltaNet(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        h, kc = cfg.hidden_size, cfg.linear_conv_kernel_dim
+        h, kc, std = cfg.hidden_size, cfg.linear_conv_kernel_dim, cfg.initializer_range
         nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         key_axes, value_axes = ("embed", "key_heads", "head_dim"), ("embed", "heads", "head_dim")
-        self.in_proj_q = param(rngs, (h, nk, dk), key_axes, dtype)
-        self.in_proj_k = param(rngs, (h, nk, dk), key_axes, dtype)
-        self.in_proj_v = param(rngs, (h, nv, dv), value_axes, dtype)
-        self.in_proj_z = param(rngs, (h, nv, dv), value_axes, dtype)
-        self.in_proj_b = param(rngs, (h, nv), ("embed", "heads"), dtype)
-        self.in_proj_a = param(rngs, (h, nv), ("embed", "heads"), dtype)
-        self.conv_q = param(rngs, (kc, nk, dk), (None, "key_heads", "head_dim"), dtype)
-        self.conv_k = param(rngs, (kc, nk, dk), (None, "key_heads", "head_dim"), dtype)
-        self.conv_v = param(rngs, (kc, nv, dv), (None, "heads", "head_dim"), dtype)
+        self.in_proj_q = param(rngs, (h, nk, dk), key_axes, dtype, std=std)
+        self.in_proj_k = param(rngs, (h, nk, dk), key_axes, dtype, std=std)
+        self.in_proj_v = param(rngs, (h, nv, dv), value_axes, dtype, std=std)
+        self.in_proj_z = param(rngs, (h, nv, dv), value_axes, dtype, std=std)
+        self.in_proj_b = param(rngs, (h, nv), ("embed", "heads"), dtype, std=std)
+        self.in_proj_a = param(rngs, (h, nv), ("embed", "heads"), dtype, std=std)
+        self.conv_q = param(rngs, (kc, nk, dk), (None, "key_heads", "head_dim"), dtype, std=std)
+        self.conv_k = param(rngs, (kc, nk, dk), (None, "key_heads", "head_dim"), dtype, std=std)
+        self.conv_v = param(rngs, (kc, nv, dv), (None, "heads", "head_dim"), dtype, std=std)
         self.A_log = param(rngs, (nv,), ("heads",), dtype, init="a_log")
         self.dt_bias = param(rngs, (nv,), ("heads",), dtype, init="ones")
         self.norm = GatedRMSNorm(dv, cfg.rms_norm_eps, dtype, rngs)
-        self.out_proj = param(rngs, (nv, dv, h), ("heads", "head_dim", "embed"), dtype)
+        self.out_proj = param(rngs, (nv, dv, h), ("heads", "head_dim", "embed"), dtype, std=std)
         self.heads_per_key = nv // nk
 
     def _conv_silu(self, x, proj, conv, state, n_valid, segment_ids):
@@ -46,6 +46,7 @@ class GatedDeltaNet(nnx.Module):
                                  segment_ids)
         return jax.nn.silu(y.astype(jnp.float32)).astype(x.dtype), state
 
+    @jax.named_scope("gated_deltanet")
     def __call__(self, x: jax.Array, state: dict | None = None, n_valid: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """x: [B, L, H] -> ([B, L, H], new state).

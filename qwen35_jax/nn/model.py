@@ -1,6 +1,7 @@
 """The Qwen3.5 text model: embeddings, scanned decoder, final norm, lm_head (optionally tied)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from qwen35_jax.nn.norms import RMSNorm
 from qwen35_jax.nn.params import param
 from qwen35_jax.ops.attention import causal_mask
 from qwen35_jax.ops.rope import rope_cos_sin
+from qwen35_jax.precision import precision_scope
 
 
 def state_max_len(state: dict) -> int:
@@ -19,28 +21,53 @@ def state_max_len(state: dict) -> int:
     return next((layer["k"].shape[-3] for layer in state["layers"] if "k" in layer), 1)
 
 
+def _under_precision_policy(method):
+    """A public method of Qwen35, traced under the matmul precision of the model's compute dtype
+    (qwen35_jax.precision: HIGHEST for float32, the backend default for bfloat16)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with precision_scope(self.compute_dtype):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Qwen35(nnx.Module):
     """`model(input_ids)`: int32 [batch, seq] -> logits [batch, seq, vocab] in the model dtype."""
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
+        std = cfg.initializer_range
         self.config = cfg
         self.dtype = dtype
-        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, std=std)
         self.decoder = Decoder(cfg, dtype, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, std=std)
+
+    @classmethod
+    def abstract(cls, cfg: ModelConfig, dtype=jnp.float32) -> "Qwen35":
+        """The model with `jax.ShapeDtypeStruct` values: shapes, dtypes, axis names and the graph, with nothing
+        allocated or computed (for loaders, dry-runs and rebuilding a graph around existing parameters)."""
+        return nnx.eval_shape(lambda: cls(cfg, dtype, nnx.Rngs(0)))
+
+    @property
+    def compute_dtype(self):
+        """The dtype the model computes in: its parameters' dtype at call time (a trainer may cast float32
+        master weights to bfloat16 for the forward)."""
+        return self.embed_tokens[...].dtype
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """positions: int [B, L] or [3, B, L] -> cos, sin [B, L, rotary_dim] float32."""
         c = self.config
         return rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.mrope_section)
 
+    @_under_precision_policy
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """input_ids: int [B, L] -> final-normed hidden states [B, L, H] (no decode state)."""
         return self.train_hidden_states(input_ids, positions)[0]
 
+    @_under_precision_policy
     def train_hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                             segment_ids: jax.Array | None = None, router_stats: bool = False):
         """The training forward. input_ids: int [B, L]; positions: int [B, L] or [3, B, L] (default 0..L-1);
@@ -64,6 +91,7 @@ class Qwen35(nnx.Module):
         x, _, stats = self.decoder(self.embed(input_ids), ctx)
         return self.norm(x), stats
 
+    @_under_precision_policy
     def forward_with_state(self, input_ids: jax.Array, state: dict, n_valid: jax.Array | None = None
                            ) -> tuple[jax.Array, dict]:
         """Continues a decode state (qwen35_jax.cache) with new tokens.
@@ -86,12 +114,15 @@ class Qwen35(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0)
 
+    @_under_precision_policy
+    @jax.named_scope("lm_head")
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., H] -> [..., vocab]."""
         if self.config.tie_word_embeddings:
             return jnp.einsum("...h,vh->...v", hidden, self.embed_tokens[...])
         return hidden @ self.lm_head[...]
 
+    @_under_precision_policy
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, positions))
 
@@ -104,7 +135,7 @@ def unstack_layers(model: Qwen35) -> Qwen35:
     if cfg.num_periods == 1:
         return model
     flat_cfg = dataclasses.replace(cfg, scan_layers=False)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35(flat_cfg, model.dtype, nnx.Rngs(0))))
+    graphdef, state = nnx.split(Qwen35.abstract(flat_cfg, model.dtype))
     source = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     period, stack_prefix = len(cfg.period), ("decoder", "periods", "layers")
     for path, variable in nnx.to_flat_state(state):

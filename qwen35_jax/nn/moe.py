@@ -6,20 +6,22 @@ from flax import nnx
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.mlp import MLP
 from qwen35_jax.nn.params import param
-from qwen35_jax.ops.moe import expert_parallel_mesh, moe_experts, moe_experts_parallel, route, router_stats
+from qwen35_jax.ops.moe import (expert_parallel_mesh, moe_experts, moe_experts_parallel, route, router_logits,
+                                router_stats)
 
 
 class SparseMoe(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-        self.router = param(rngs, (h, e), ("embed", None), dtype)
-        self.experts_gate_up = param(rngs, (e, h, 2, i), ("experts", "embed", None, "mlp"), dtype)
-        self.experts_down = param(rngs, (e, i, h), ("experts", "mlp", "embed"), dtype)
-        self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, dtype, rngs)
-        self.shared_expert_gate = param(rngs, (h, 1), ("embed", None), dtype)
+        h, e, i, std = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.initializer_range
+        self.router = param(rngs, (h, e), ("embed", None), dtype, std=std)
+        self.experts_gate_up = param(rngs, (e, h, 2, i), ("experts", "embed", None, "mlp"), dtype, std=std)
+        self.experts_down = param(rngs, (e, i, h), ("experts", "mlp", "embed"), dtype, std=std)
+        self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, dtype, rngs, std)
+        self.shared_expert_gate = param(rngs, (h, 1), ("embed", None), dtype, std=std)
         self.top_k = cfg.num_experts_per_tok
         self.backend = cfg.moe_backend
 
+    @jax.named_scope("moe")
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None):
         """x: [batch, seq, H] -> [batch, seq, H].
 
@@ -27,8 +29,9 @@ class SparseMoe(nnx.Module):
         what the load-balancing and z losses are built from.
         """
         tokens = x.reshape(-1, x.shape[-1])
-        logits = tokens @ self.router[...]
+        logits = router_logits(tokens, self.router[...])
         weights, ids = route(logits, self.top_k)
+        weights = weights.astype(x.dtype)  # the routing is float32; the combine runs in the activation dtype
         w1, w2 = self.experts_gate_up[...], self.experts_down[...]
         mesh = expert_parallel_mesh(w1.shape[0], w1.shape[-1])
         if mesh is None:

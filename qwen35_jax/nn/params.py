@@ -4,19 +4,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-INIT_STD = 0.02
-
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
-          init: str = "normal") -> nnx.Param:
+          init: str = "normal", std: float = 0.02) -> nnx.Param:
     """An `nnx.Param` of `shape` carrying logical `axes` (one name or None per dimension).
 
-    init: "normal" (N(0, 0.02), HF's Linear/Embedding/expert init), "zeros", "ones", or "a_log"
-    (log U(0.01, 16), Gated DeltaNet's A_log).
+    init: "normal" (N(0, std), HF's Linear/Embedding/expert init with std = the config's initializer_range),
+    "zeros", "ones", or "a_log" (log U(0.01, 16), Gated DeltaNet's A_log).
     """
     assert len(shape) == len(axes), (shape, axes)
     if init == "normal":
-        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "zeros":
         value = jnp.zeros(shape, jnp.float32)
     elif init == "ones":

@@ -4,15 +4,20 @@ Per value head, with state S [dk, dv]:
     S_t = exp(g_t) * S_{t-1} + k_t (beta_t * (v_t - (exp(g_t) * S_{t-1})^T k_t))^T,    o_t = S_t^T q_t.
 Inputs use the layout q, k: [batch, seq, heads, dk]; v: [batch, seq, heads, dv]; g (log-decay, <= 0) and
 beta: [batch, seq, heads]; state: [batch, heads, dk, dv]. q and k arrive already L2-normalised and q
-already scaled; the functions compute in float32 and return float32 outputs [batch, seq, heads, dv].
+already scaled; the functions compute in float32 with HIGHEST matmul precision in every mode (the policy of
+qwen35_jax.precision) and return float32 outputs [batch, seq, heads, dv].
 """
 
 import jax
 import jax.numpy as jnp
 
+from qwen35_jax.precision import highest_precision
+
 CHUNK_SIZE = 64
 
 
+@highest_precision
+@jax.named_scope("gated_delta_rule")
 def gated_delta_step(state, q, k, v, g, beta):
     """One token. state [B, H, dk, dv]; q, k [B, H, dk]; v [B, H, dv]; g, beta [B, H].
 
@@ -37,6 +42,8 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
     return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
 
 
+@highest_precision
+@jax.named_scope("gated_delta_rule")
 def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None, segment_ids=None):
     """Token-by-token `lax.scan` over the sequence (the test oracle). Returns (out, final_state).
 
@@ -84,6 +91,7 @@ def _unit_lower_inverse_blocks(a, base=16):
 
 
 @jax.custom_vjp
+@highest_precision  # each piece of a custom VJP may be traced after its caller's scope has closed
 def _unit_lower_inverse(a):
     """(I + a)^-1 for strictly lower-triangular a: [..., n, n]; see `_unit_lower_inverse_blocks`.
 
@@ -92,11 +100,14 @@ def _unit_lower_inverse(a):
     return _unit_lower_inverse_blocks(a)
 
 
+@highest_precision
 def _unit_lower_inverse_fwd(a):
     t = _unit_lower_inverse_blocks(a)
     return t, t
 
 
+@highest_precision
+@jax.named_scope("gated_delta_rule")
 def _unit_lower_inverse_bwd(t, dt):
     t_transposed = jnp.swapaxes(t, -1, -2)
     da = -(t_transposed @ dt @ t_transposed)
@@ -119,6 +130,8 @@ def _segment_masks(segment_ids, n_chunks, chunk):
     return same.astype(jnp.float32), (ids == previous).astype(jnp.float32)
 
 
+@highest_precision
+@jax.named_scope("gated_delta_rule")
 def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size=CHUNK_SIZE, segment_ids=None):
     """Chunkwise-parallel form (UT transform per chunk, `lax.scan` over chunks). Returns (out, final_state).
 

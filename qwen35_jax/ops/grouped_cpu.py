@@ -6,7 +6,8 @@ BLOCK rows, then one conditional block of each size BLOCK/2 ... MIN_BLOCK, then 
 block may run past its expert's last row into the next expert's rows; experts run in increasing order,
 so those rows are overwritten later (BLOCK slack rows at the end keep slices in bounds). Fewer than
 MIN_BLOCK rows are wasted per expert. `while_loop` has no reverse mode, so a custom VJP replays the
-same schedule backwards, masking the overrun rows out of the weight gradients.
+same schedule backwards, masking the overrun rows out of the weight gradients, under the matmul precision
+the forward was traced with (qwen35_jax.precision).
 """
 
 import functools
@@ -14,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from qwen35_jax.precision import current_precision, matmul_scope
 
 BLOCK, MIN_BLOCK = 64, 4  # chosen by benchmark on a 2-core x86 CPU (64..128 and 4..8 were equal)
 
@@ -60,19 +63,28 @@ def _forward_block(inter):
     return block_fn
 
 
-@jax.custom_vjp
-def _grouped(xs, w1, w2, starts, counts, experts, n_experts):
-    """xs: [N + BLOCK, H] sorted rows; w1: [E, H, 2, I]; w2: [E, I, H] -> [N + BLOCK, H]."""
-    return _schedule(starts, counts, experts, n_experts, lambda e: (_expert_gate_up(w1, e), w2[e], xs),
-                     _forward_block(w2.shape[1]), lambda ys, ctx, e: ys, jnp.zeros_like(xs))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _grouped(xs, w1, w2, starts, counts, experts, n_experts, precision):
+    """xs: [N + BLOCK, H] sorted rows; w1: [E, H, 2, I]; w2: [E, I, H] -> [N + BLOCK, H].
+
+    precision: the matmul precision in force when the call was traced; the forward and backward passes
+    (which JAX may trace later, outside the caller's scope) run under it."""
+    with matmul_scope(precision):
+        return _schedule(starts, counts, experts, n_experts, lambda e: (_expert_gate_up(w1, e), w2[e], xs),
+                         _forward_block(w2.shape[1]), lambda ys, ctx, e: ys, jnp.zeros_like(xs))
 
 
-def _grouped_fwd(xs, w1, w2, starts, counts, experts, n_experts):
-    out = _grouped(xs, w1, w2, starts, counts, experts, n_experts)
+def _grouped_fwd(xs, w1, w2, starts, counts, experts, n_experts, precision):
+    out = _grouped(xs, w1, w2, starts, counts, experts, n_experts, precision)
     return out, (xs, w1, w2, starts, counts, experts, n_experts)
 
 
-def _grouped_bwd(res, dys):
+def _grouped_bwd(precision, res, dys):
+    with matmul_scope(precision):
+        return _grouped_grads(res, dys)
+
+
+def _grouped_grads(res, dys):
     xs, w1, w2, starts, counts, experts, n_experts = res
     inter = w2.shape[1]
 
@@ -117,5 +129,5 @@ def grouped_swiglu_blocked(x_sorted, group_sizes, w_gate_up, w_down):
     experts = jnp.argsort(group_sizes == 0, stable=True).astype(jnp.int32)  # non-empty experts first
     n_experts = jnp.sum(group_sizes > 0)
     xs = jnp.concatenate([x_sorted, jnp.zeros((BLOCK, hidden), x_sorted.dtype)])
-    ys = _grouped(xs, w_gate_up, w_down, starts, group_sizes, experts, n_experts)
+    ys = _grouped(xs, w_gate_up, w_down, starts, group_sizes, experts, n_experts, current_precision())
     return ys[:n]

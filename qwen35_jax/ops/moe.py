@@ -8,19 +8,31 @@ import jax
 import jax.numpy as jnp
 
 from qwen35_jax.ops.grouped_cpu import grouped_swiglu_blocked
+from qwen35_jax.precision import highest_precision
 
 
+@highest_precision
+@jax.named_scope("router")
+def router_logits(tokens: jax.Array, router: jax.Array) -> jax.Array:
+    """tokens: [T, H]; router: [H, E] -> float32 logits [T, E], computed as float32 x float32 with HIGHEST
+    precision in every mode (bfloat16 logits flip experts at near-ties; qwen35_jax.precision)."""
+    return tokens.astype(jnp.float32) @ router.astype(jnp.float32)
+
+
+@jax.named_scope("router")
 def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """Softmax (float32) -> top-k -> renormalise. logits: [tokens, experts].
 
-    Returns weights [tokens, top_k] in logits' dtype and expert ids int32 [tokens, top_k].
+    Returns float32 weights [tokens, top_k] and expert ids int32 [tokens, top_k].
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, ids = jax.lax.top_k(probs, top_k)
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights.astype(logits.dtype), ids.astype(jnp.int32)
+    return weights, ids.astype(jnp.int32)
 
 
+@highest_precision
+@jax.named_scope("router")
 def router_stats(logits: jax.Array, ids: jax.Array, token_mask: jax.Array) -> dict:
     """Sums over the real tokens that the MoE auxiliary losses are built from (one layer).
 
