@@ -36,18 +36,51 @@ def test_35b_train_on_8_devices(capsys):
     assert report["compile_seconds"] > 0
 
 
-@pytest.mark.parametrize("mode", ["prefill", "decode"])
-def test_inference_modes_and_decode_state_bytes(capsys, mode):
+def spec_param_counts(cfg) -> tuple[int, int]:
+    """(routed-expert parameters, all other parameters) of a text model, counted from the weight table of the
+    architecture spec (qwen35-architecture.md, "checkpoint tensors"), independently of our modules."""
+    h, hk, hv, dk, dv = (cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                         cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+    conv_dim = 2 * hk * dk + hv * dv
+    gdn = conv_dim * h + 2 * hv * dv * h + 2 * hv * h + conv_dim * cfg.linear_conv_kernel_dim + 2 * hv + dv
+    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    attn = 2 * hq * hd * h + 2 * hkv * hd * h + h * hq * hd + 2 * hd
+    experts = cfg.num_experts * 3 * h * cfg.moe_intermediate_size
+    moe_rest = cfg.num_experts * h + 3 * cfg.shared_expert_intermediate_size * h + h
+    n_full = cfg.layer_types.count("full_attention")
+    n_linear = cfg.num_hidden_layers - n_full
+    rest = n_linear * gdn + n_full * attn + cfg.num_hidden_layers * (moe_rest + 2 * h)
+    rest += cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
+    return cfg.num_hidden_layers * experts, rest
+
+
+def test_prefill_params_are_sharded_and_tokens_travel_to_their_experts(capsys):
+    """bf16 parameters per device between a perfect 8-way split and (experts split over expert x tensor, the rest
+    replicated); the expert-parallel MoE moves tokens to the experts' owners with an all-to-all."""
     report = dryrun(capsys, "--model", "tiny-moe", "--devices", "8", "--mesh", "fsdp=2,expert=2,tensor=2",
-                    "--mode", mode, "--batch", "4", "--seq", "128")
-    if mode == "decode":
-        cfg = ModelConfig.from_hf("tiny-moe")
-        per_row = 2 * (2 * 128 * cfg.num_key_value_heads * cfg.head_dim * 2)  # 2 attention layers, K+V, bf16
-        per_row += 6 * (3 * (2 * 16 + 2 * 16 + 4 * 16) * 2 + 4 * 16 * 16 * 4)  # 6 GDN layers: conv bf16, state fp32
-        per_row += 4  # length
-        # batch 4 split over fsdp=2; GDN heads (4) and key heads (2) split over tensor=2; 2 KV heads too
-        assert report["decode_state_bytes_per_device"] <= 4 * per_row / 2
-        assert report["decode_state_bytes_per_device"] >= 4 * per_row / 4
+                    "--mode", "prefill", "--batch", "4", "--seq", "128")
+    assert (report["mode"], report["batch"], report["seq"], report["devices"]) == ("prefill", 4, 128, 8)
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+    experts, rest = (2 * n for n in spec_param_counts(ModelConfig.from_hf("tiny-moe")))  # bf16 bytes
+    params = report["params_bytes_per_device"]
+    assert (experts + rest) / 8 <= params <= experts / 4 + rest
+    assert "optimizer_state_bytes_per_device" not in report and "decode_state_bytes_per_device" not in report
+    assert report["temp_bytes_per_device"] > 0
+    assert report["total_bytes_per_device"] == params + report["temp_bytes_per_device"]
+    assert report["collectives"]["all-to-all"] > 0
+    assert report["fits"] is None  # no --hbm given
+
+
+def test_decode_state_bytes(capsys):
+    report = dryrun(capsys, "--model", "tiny-moe", "--devices", "8", "--mesh", "fsdp=2,expert=2,tensor=2",
+                    "--mode", "decode", "--batch", "4", "--seq", "128")
+    cfg = ModelConfig.from_hf("tiny-moe")
+    per_row = 2 * (2 * 128 * cfg.num_key_value_heads * cfg.head_dim * 2)  # 2 attention layers, K+V, bf16
+    per_row += 6 * (3 * (2 * 16 + 2 * 16 + 4 * 16) * 2 + 4 * 16 * 16 * 4)  # 6 GDN layers: conv bf16, state fp32
+    per_row += 4  # length
+    # batch 4 split over fsdp=2; GDN heads (4) and key heads (2) split over tensor=2; 2 KV heads too
+    assert report["decode_state_bytes_per_device"] <= 4 * per_row / 2
+    assert report["decode_state_bytes_per_device"] >= 4 * per_row / 4
 
 
 @pytest.mark.parametrize("mesh,devices,message", [
@@ -80,4 +113,15 @@ def test_397b_train_seq_4096():
 def test_397b_decode_32k_context():
     report = run_cli("--model", "qwen3.5-397b-a17b", "--devices", "64", "--mesh",
                      "expert=16,tensor=4", "--mode", "decode", "--batch", "64", "--seq", "32768", "--hbm", "95GiB")
-    assert report["decode_state_bytes_per_device"] > 0 and report["fits"] is not None
+    cfg = ModelConfig.from_hf("qwen3.5-397b-a17b")
+    n_full = cfg.layer_types.count("full_attention")
+    # Per device, from the spec's shapes: the batch is not split (no data/fsdp axis); 2 KV heads do not divide
+    # tensor=4 (replicated); the GDN heads (64 value, 16 key) split 4 ways. KV and conv state bf16, recurrent
+    # state float32, plus the int32 lengths.
+    kv = n_full * 2 * 32768 * cfg.num_key_value_heads * cfg.head_dim * 2
+    conv = (cfg.linear_conv_kernel_dim - 1) * (2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+                                               + cfg.linear_num_value_heads * cfg.linear_value_head_dim) * 2 // 4
+    recurrent = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4 // 4
+    expected = 64 * (kv + (cfg.num_hidden_layers - n_full) * (conv + recurrent) + 4)
+    assert report["decode_state_bytes_per_device"] == expected
+    assert report["fits"] == (report["total_bytes_per_device"] <= 95 * GIB)
