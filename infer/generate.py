@@ -43,7 +43,7 @@ def sampling_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argument_parser("Generate text with a Qwen3.5 checkpoint.", module=__spec__.name, epilog=sampling_help())
+    p = argument_parser("Generate text with a Qwen3.5 checkpoint.", module=__name__, epilog=sampling_help())
     p.add_argument("--model", required=True, help="checkpoint folder: Orbax (from convert or finetune) or HF "
                    "(config.json, safetensors, tokenizer)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")

@@ -2,7 +2,7 @@
 
     @command
     def main(argv=None) -> int:
-        parser = argument_parser("what the command does")
+        parser = argument_parser("what the command does", module=__name__)
         ...
 
 A decorated `main` turns the project's own errors (ConfigError, CheckpointError, TokenizerError, ... all
@@ -33,11 +33,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def argument_parser(description: str, module: str | None = None, **kwargs) -> argparse.ArgumentParser:
-    """A parser showing defaults. `module`: the CLI's module name (`__spec__.name`), so that usage reads
-    `python -m train.demo` when run that way (argparse alone says `demo.py`)."""
+    """A parser showing defaults. `module`: the CLI's `__name__`; when that is "__main__" and Python was started
+    with `-m`, usage reads `python -m train.demo` (argparse alone says `demo.py`)."""
     running = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if module is not None and running is not None and running.name == module:
-        kwargs.setdefault("prog", f"python -m {module}")
+    if module == "__main__" and running is not None:
+        kwargs.setdefault("prog", f"python -m {running.name}")
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
 
 

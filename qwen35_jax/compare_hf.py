@@ -120,7 +120,7 @@ def report(result: dict, source) -> None:
 
 @command
 def main(argv=None) -> int:
-    parser = argument_parser("Compare our logits with HF transformers' logits.", module=__spec__.name)
+    parser = argument_parser("Compare our logits with HF transformers' logits.", module=__name__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-dir", help="HF checkpoint folder (config.json + safetensors)")
     source.add_argument("--tiny", metavar="PRESET", help="build a random HF model from a preset (tiny-dense, tiny-moe)")

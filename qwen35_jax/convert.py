@@ -19,8 +19,7 @@ from qwen35_jax.cli import argument_parser, command
 
 @command
 def main(argv=None) -> int:
-    parser = argument_parser("Convert Qwen3.5 checkpoints between HF safetensors and Orbax.",
-                             module=__spec__.name)
+    parser = argument_parser("Convert Qwen3.5 checkpoints between HF safetensors and Orbax.", module=__name__)
     parser.add_argument("--hf-dir", help="HF checkpoint folder to convert to Orbax")
     parser.add_argument("--to-hf", action="store_true", help="export an Orbax checkpoint (--ckpt) to HF")
     parser.add_argument("--ckpt", help="Orbax checkpoint to export (with --to-hf)")

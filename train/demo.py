@@ -67,7 +67,7 @@ DEMO_FILES = ("train.jsonl", "test.jsonl", "tokenizer")  # what the demo writes 
 
 
 def build_parser():
-    parser = argument_parser(__doc__.split("\n\n")[0], module=__spec__.name,
+    parser = argument_parser(__doc__.split("\n\n")[0], module=__name__,
                              epilog="Run `python -m train.finetune --help` for the config keys; the demo's values "
                                     "are in train/recipes/demo.yaml.")
     parser.add_argument("--out", default="runs/demo", help="work folder (data, tokenizer, the run folder `run`)")

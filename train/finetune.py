@@ -217,7 +217,7 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
 
 @command(failures=(TrainingDiverged,))
 def main(argv=None) -> int:
-    parser = argument_parser(__doc__.split("\n\n")[0], module=__spec__.name, epilog=TrainConfig.help_text())
+    parser = argument_parser(__doc__.split("\n\n")[0], module=__name__, epilog=TrainConfig.help_text())
     parser.add_argument("--config", help="YAML training config, or a bundled recipe name (train/recipes/: "
                                          "demo, sft-example); without it, the defaults below")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
