@@ -38,11 +38,15 @@ def test_eos_and_stop_strings(checkpoint):
     stopped = engine.generate(["The quick brown"], SamplingParams.greedy(max_new_tokens=24))[0]
     assert stopped.token_ids == free.token_ids[:free.token_ids.index(eos) + 1] and stopped.finish_reason == "stop"
     engine.tokenizer.eos_token_ids = ()
+    # A two-character stop string from the second half of the free text (never all whitespace): generation stops
+    # there and returns the text before its first occurrence, without any part of it.
     text = free.text
-    stop = text[len(text) // 2:len(text) // 2 + 2]
-    if stop.strip():
-        result = engine.generate(["The quick brown"], SamplingParams.greedy(max_new_tokens=24, stop=(stop,)))[0]
-        assert result.finish_reason == "stop" and result.text == text[:text.find(stop)]
+    starts = [i for i in range(len(text) // 2, len(text) - 1) if not text[i:i + 2].isspace()]
+    assert starts, f"no stop string candidate in {text!r}"
+    stop = text[starts[0]:starts[0] + 2]
+    result = engine.generate(["The quick brown"], SamplingParams.greedy(max_new_tokens=24, stop=(stop,)))[0]
+    assert result.finish_reason == "stop" and result.text == text[:text.find(stop)]
+    assert result.token_ids == free.token_ids[:len(result.token_ids)] and len(result.token_ids) < 24
 
 
 def test_cli_json_and_chat(checkpoint, capsys):
