@@ -22,7 +22,7 @@ from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import make_mesh
 from qwen35_jax.tokenizer import Tokenizer
 from train.checkpoint import RunCheckpoints
-from train.config import TrainConfig, TrainConfigError
+from train.config import TrainConfig, TrainConfigError, recipe_names
 from train.data import PackedDataset, load_dataset
 from train.plot import write_loss_plot
 from train.step import Trainer
@@ -57,7 +57,7 @@ def _with_config(model: Qwen35, knobs: dict):
     """(graphdef, state) of `model` rebuilt with config knobs (remat) that the loader does not take."""
     import dataclasses
     cfg = dataclasses.replace(model.config, **knobs)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen35(cfg, model.dtype, nnx.Rngs(0))))
+    graphdef, _ = nnx.split(Qwen35.abstract(cfg, model.dtype))
     return graphdef, nnx.state(model)
 
 
@@ -219,7 +219,7 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
 def main(argv=None) -> int:
     parser = argument_parser(__doc__.split("\n\n")[0], module=__name__, epilog=TrainConfig.help_text())
     parser.add_argument("--config", help="YAML training config, or a bundled recipe name (train/recipes/: "
-                                         "demo, sft-example); without it, the defaults below")
+                                         f"{', '.join(recipe_names())}); without it, the defaults below")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
