@@ -28,6 +28,16 @@ def bench_config(source: str) -> str:
     return source
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, dtypes: bool = False) -> None:
+    """`--config` (default small-moe) and, with `dtypes`, `--dtype float32,bfloat16` (a list, default float32)."""
+    parser.add_argument("--config", type=bench_config, default="small-moe",
+                        help=f"benchmark config name ({', '.join(bench_config_names())}), model preset name or "
+                             "config.json path")
+    if dtypes:
+        parser.add_argument("--dtype", type=parse_dtypes, default="float32",
+                            help="comma-separated: float32, bfloat16 (default float32)")
+
+
 def parse_dtypes(text: str) -> list[str]:
     """`--dtype float32,bfloat16` -> ["float32", "bfloat16"] (argparse type: a bad name is a usage error)."""
     dtypes = [d.strip() for d in text.split(",") if d.strip()]

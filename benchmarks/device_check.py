@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import bench_config, median_seconds  # noqa: E402
+from benchmarks.common import add_config_arguments, median_seconds  # noqa: E402
 from qwen35_jax.cache import init_decode_state, state_bytes  # noqa: E402
 from qwen35_jax.config import ModelConfig  # noqa: E402
 from qwen35_jax.nn.model import Qwen35, unstack_layers  # noqa: E402
@@ -64,8 +64,8 @@ def random_model(cfg: ModelConfig, dtype, seed: int = 0) -> Qwen35:
 
 
 def cast_model(model: Qwen35, dtype) -> Qwen35:
-    """The same weights as a model of another dtype."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35(model.config, dtype, nnx.Rngs(0))))
+    """The same weights as a new model of another dtype (`model` is left as it is)."""
+    graphdef, state = nnx.split(Qwen35.abstract(model.config, dtype))
     source = dict(nnx.to_flat_state(nnx.state(model)))
     for path, variable in nnx.to_flat_state(state):
         variable.set_value(jnp.asarray(source[path].get_value(), dtype))
@@ -263,8 +263,7 @@ CPU_SIZES = {"prefill_batch": 1, "prefill_seq": 64, "decode_batch": 1, "decode_c
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default="small-moe",
-                        help="throughput model: a benchmark config name (benchmarks/configs/), preset or config.json")
+    add_config_arguments(parser)  # the throughput model
     parser.add_argument("--small", action="store_true", help="CPU-sized throughput runs even on an accelerator")
     parser.add_argument("--skip-throughput", action="store_true", help="parity and MoE checks only")
     args = parser.parse_args(argv)
@@ -287,7 +286,7 @@ def main(argv=None) -> int:
           f"(bound {moe['bound']:.1e}) {'ok' if moe['passed'] else 'FAIL'}", flush=True)
     if not args.skip_throughput:
         sizes = CPU_SIZES if args.small or accel.platform == "cpu" else ACCELERATOR_SIZES
-        report["throughput"] = tp = throughput(bench_config(args.config), accel, sizes)
+        report["throughput"] = tp = throughput(args.config, accel, sizes)
         for name in ("prefill", "decode", "train"):
             row = tp[name]
             peak = f" of {row['peak_tflops']:.0f} peak" if "peak_tflops" in row else ""

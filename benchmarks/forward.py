@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from benchmarks.common import bench_config, median_seconds, parse_dtypes, print_table
+from benchmarks.common import add_config_arguments, median_seconds, print_table
 from qwen35_jax import load_model
 from qwen35_jax.hf_reference import TORCH_DTYPES, random_checkpoint
 
@@ -53,10 +53,7 @@ def measure(hf, folder, dtype: str, shapes: list[tuple[int, int]], repeats: int)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=bench_config, default="small-moe",
-                        help="benchmark config name (small-moe, small-dense), model preset name or config.json path")
-    parser.add_argument("--dtype", type=parse_dtypes, default="float32",
-                        help="comma-separated: float32, bfloat16 (default float32)")
+    add_config_arguments(parser, dtypes=True)
     parser.add_argument("--shapes", default="1x512,4x512", help="comma-separated BATCHxSEQ")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

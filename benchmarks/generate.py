@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import torch
 
-from benchmarks.common import bench_config, median_seconds, parse_dtypes, print_table
+from benchmarks.common import add_config_arguments, median_seconds, print_table
 from infer import Engine, SamplingParams
 from qwen35_jax import load_model
 from qwen35_jax.hf_reference import TORCH_DTYPES, random_checkpoint
@@ -78,10 +78,7 @@ def context_rows(model, dtype: str, contexts: str) -> list[list]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=bench_config, default="small-moe",
-                        help="benchmark config name (small-moe, small-dense), model preset name or config.json path")
-    parser.add_argument("--dtype", type=parse_dtypes, default="float32",
-                        help="comma-separated: float32, bfloat16 (default float32)")
+    add_config_arguments(parser, dtypes=True)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8")

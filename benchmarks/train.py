@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import torch
 
-from benchmarks.common import bench_config, print_table
+from benchmarks.common import add_config_arguments, print_table
 from qwen35_jax.hf_reference import build_hf_model, random_tokens, save_hf_model
 from qwen35_jax.loading import load_model
 from train.config import TrainConfig
@@ -139,8 +139,7 @@ def run_ours(folder, tokens: np.ndarray, warmup: int, steps: int, dtype: str, re
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=bench_config, default="small-moe",
-                        help="benchmark config name (small-moe, small-dense), model preset name or config.json path")
+    add_config_arguments(parser)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
