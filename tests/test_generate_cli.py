@@ -61,11 +61,88 @@ def test_cli_json_and_chat(checkpoint, capsys):
     assert code == 0 and capsys.readouterr().out
 
 
-def test_cli_interactive_keeps_state(checkpoint, capsys, monkeypatch):
+PLAIN_CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def letters_checkpoint(tmp_path_factory):
+    """A tiny MoE whose greedy replies are ASCII letters, with a byte-level tokenizer without merges (256 bytes +
+    5 specials) and a ChatML template without thinking blocks: a reply re-encodes to exactly its tokens and the
+    template never rewrites history, so a chat's next turn always extends the tokens already fed."""
+    import string
+
+    import torch
+    from qwen35_jax.tokenizer import Tokenizer
+    folder = tmp_path_factory.mktemp("letters")
+    write_bpe_tokenizer(folder, vocab_size=261)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": PLAIN_CHATML}))
+    tokenizer = Tokenizer.load(folder)
+    letters = [tokenizer.token_id(c) for c in string.ascii_letters]
+    assert None not in letters and tokenizer.encode("hi there") == [tokenizer.token_id(c) for c in "hi"] + \
+        [tokenizer.token_id(c) for c in "Ġthere"]  # one token per byte ("Ġ" is the byte-level space)
+    hf = build_hf_model("tiny-moe", vocab_size=320)
+    with torch.no_grad():  # lm_head rows of every other token zeroed: their logits are exactly 0, the letters'
+        others = torch.ones(320, dtype=torch.bool)  # maximum is positive (52 random signs)
+        others[letters] = False
+        hf.lm_head.weight[others] = 0.0
+    save_hf_model(hf, folder)
+    return folder, tokenizer
+
+
+def record_streams(monkeypatch) -> list[dict]:
+    """Wraps Engine.stream: one {"engine", "prompt", "state_length", "tokens"} per call (row 0's prompt, tokens)."""
+    calls, original = [], Engine.stream
+
+    def stream(self, prompts, params=None, state=None):
+        call = {"engine": self, "prompt": list(prompts[0]),
+                "state_length": None if state is None else int(state["lengths"][0])}
+        calls.append(call)
+        events = list(original(self, prompts, params, state=state))
+        call["tokens"] = [e.token_id for e in events]
+        yield from events
+    monkeypatch.setattr(Engine, "stream", stream)
+    return calls
+
+
+def test_cli_interactive_keeps_state(letters_checkpoint, capsys, monkeypatch):
+    """Turn 2 continues turn 1's decode state: it feeds only the tokens the state has not seen, and its greedy
+    reply equals a fresh generation over the whole rendered conversation."""
+    folder, tokenizer = letters_checkpoint
     lines = iter(["hi there", "and again", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert main(["--model", str(checkpoint), "--interactive", "--no-thinking", "--max-new-tokens", "4",
-                 "--temperature", "0", "--max-len", "256"]) == 0
+    calls = record_streams(monkeypatch)
+    assert main(["--model", str(folder), "--interactive", "--max-new-tokens", "4", "--temperature", "0",
+                 "--max-len", "256"]) == 0
+    assert len(calls) == 2
+    first, second = calls
+    reply = tokenizer.decode(first["tokens"], skip_special_tokens=True)
+    assert len(first["tokens"]) == 4 and reply.isascii() and reply.isalpha()
+    messages = [{"role": "user", "content": "hi there"}]
+    assert first["prompt"] == tokenizer.encode(tokenizer.apply_chat_template(messages)) and first["state_length"] is None
+    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "and again"}]
+    conversation = tokenizer.encode(tokenizer.apply_chat_template(messages))
+    fed = first["prompt"] + first["tokens"][:-1]  # the last sampled token of turn 1 was never fed
+    assert second["state_length"] == len(fed) and conversation[:len(fed)] == fed
+    assert second["prompt"] == conversation[len(fed):]  # only the new tokens
+    engine = second["engine"]  # the CLI's engine (its compiled steps), from an empty state
+    fresh = engine.generate([conversation], SamplingParams.greedy(max_new_tokens=4))[0]
+    assert second["tokens"] == fresh.token_ids
+    out = capsys.readouterr().out
+    assert reply in out and tokenizer.decode(fresh.token_ids, skip_special_tokens=True) in out
+
+
+def test_cli_interactive_refeeds_a_rewritten_history(checkpoint, capsys, monkeypatch):
+    """With a thinking template the generation prompt's `<think>` is not part of the rendered history, so the
+    next turn no longer extends what was fed: the loop starts a fresh state with the whole conversation."""
+    lines = iter(["hi there", "and again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    calls = record_streams(monkeypatch)
+    assert main(["--model", str(checkpoint), "--interactive", "--max-new-tokens", "4", "--temperature", "0",
+                 "--max-len", "256"]) == 0
+    assert [c["state_length"] for c in calls] == [None, None]
+    assert len(calls[1]["prompt"]) > len(calls[0]["prompt"]) + 4  # turn 1, its reply and turn 2, all re-fed
 
 
 def test_cli_bad_arguments(checkpoint, capsys):
