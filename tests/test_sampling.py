@@ -1,5 +1,7 @@
 """The sampler with fixed seeds, against the definitions of each filter and penalty."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,9 +79,28 @@ def test_filters_keep_the_best_token_even_with_tiny_top_p():
 
 
 def test_presets():
-    t, n = SamplingParams.thinking(), SamplingParams.non_thinking()
-    assert (t.temperature, t.top_p, t.top_k) == (0.6, 0.95, 20)
-    assert (n.temperature, n.top_p, n.top_k, n.presence_penalty) == (0.7, 0.8, 20, 1.5)
+    """The presets are Qwen3.5's published settings and change nothing else; the generate CLI picks the thinking
+    one for chats (unless --no-thinking) and the non-thinking one otherwise, each flag overriding one value.
+
+    References: the released generation_config.json (thinking: temperature 0.6, top_k 20, top_p 0.95; the
+    architecture spec, section 10) and the model card's instruct (non-thinking) settings: temperature 0.7,
+    top_p 0.8, top_k 20, presence_penalty 1.5."""
+    from infer.generate import build_parser, sampling_from_args
+    default = SamplingParams()
+    thinking = dataclasses.replace(default, temperature=0.6, top_k=20, top_p=0.95)
+    non_thinking = dataclasses.replace(default, temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5)
+    assert SamplingParams.thinking() == thinking and SamplingParams.non_thinking() == non_thinking
+    assert SamplingParams.thinking(top_k=5, seed=3) == dataclasses.replace(thinking, top_k=5, seed=3)
+
+    def cli(*flags):
+        return sampling_from_args(build_parser().parse_args(["--model", "m", *flags]))
+    expected = {(): non_thinking, ("--prompt", "x", "--chat"): thinking,
+                ("--prompt", "x", "--chat", "--no-thinking"): non_thinking, ("--interactive",): thinking,
+                ("--interactive", "--no-thinking"): non_thinking}
+    for flags, preset in expected.items():
+        assert cli(*flags) == dataclasses.replace(preset, max_new_tokens=256), flags
+    assert cli("--chat", "--temperature", "0", "--top-k", "7", "--stop", "END", "--max-new-tokens", "9") == \
+        dataclasses.replace(thinking, temperature=0.0, top_k=7, stop=("END",), max_new_tokens=9)
 
 
 @pytest.mark.parametrize("kwargs,field", [
