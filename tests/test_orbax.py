@@ -1,5 +1,6 @@
 """Orbax checkpoints: HF -> Orbax -> logits, Orbax -> HF -> transformers, sharded restore, bad input."""
 
+import copy
 import json
 import multiprocessing
 import os
@@ -8,6 +9,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from qwen35_jax import load_model
 from qwen35_jax.checkpoint.orbax_io import convert_hf_to_orbax, export_to_hf, is_orbax_checkpoint
@@ -69,9 +71,19 @@ def test_released_layout_tied_embeddings_vision_and_mtp_carried(hf_checkpoint, t
     released = write_sharded(tensors, tmp_path / "released", src)
     out = tmp_path / "ckpt"
     convert_hf_to_orbax(released, out, "bfloat16", progress=False)
-    model = load_model(out)  # bf16-stored weights, upcast to float32 for this run
-    err = np.abs(np.asarray(model(jnp.asarray(TOKENS))) - hf_logits(hf, TOKENS)).max()
-    assert err <= 0.05 * np.abs(hf_logits(hf, TOKENS)).max()  # bf16 storage: ~3 significant digits
+    # bf16-stored weights computed in float32: exactly HF in float32 with every weight rounded to bfloat16
+    # (float32 parity, measured 4e-7); the rounding itself moves the logits by less than HF's own bf16 run does.
+    model = load_model(out, dtype="float32")
+    ours = np.asarray(model(jnp.asarray(TOKENS)))
+    rounded = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    assert np.abs(ours - hf_logits(rounded, TOKENS)).max() <= 1e-4
+    reference = hf_logits(hf, TOKENS)
+    storage_error = np.abs(ours - reference).max()
+    hf_bf16_error = np.abs(hf_logits(copy.deepcopy(hf).to(torch.bfloat16), TOKENS) - reference).max()
+    assert 1e-4 < storage_error <= hf_bf16_error  # really rounded; no worse than HF's own bf16 model
     exported = export_to_hf(out, tmp_path / "exported", progress=False)
     names = set(SafetensorsFolder(exported).names())
     assert "model.visual.patch_embed.proj.weight" in names and "mtp.fc.weight" in names
