@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if args.to_hf and not args.ckpt:
         parser.error("--to-hf needs --ckpt CKPT")
     if args.to_hf:
-        out = export_to_hf(args.ckpt, args.out, int(args.shard_size_gb * 2**30))
+        out = export_to_hf(args.ckpt, args.out, int(args.shard_size_gb * 2**30), overwrite=args.overwrite)
     else:
         out = convert_hf_to_orbax(args.hf_dir, args.out, args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")

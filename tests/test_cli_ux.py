@@ -57,6 +57,18 @@ def test_orbax_checkpoint_loads_by_a_relative_path(saved, monkeypatch, capsys):
     assert len(result["token_ids"]) == 3
 
 
+def test_export_never_replaces_a_folder_unasked(saved, tmp_path, capsys):
+    root, _ = saved
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["--to-hf", "--ckpt", str(root / "runs" / "final"), "--out", str(out)]
+    assert convert.main(argv) == 2 and "already exists" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert convert.main([*argv, "--overwrite"]) == 0
+    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+
+
 # ---- one-line errors ---------------------------------------------------------------------------------------
 DRYRUN = ["--devices", "1", "--mesh", "tensor=1"]
 

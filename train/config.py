@@ -85,7 +85,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     log_every: int = 1
-    export_hf: str | None = None             # folder for an HF export of the final weights
+    export_hf: str | None = None             # folder for an HF export of the final weights (replaced if present)
 
     def __post_init__(self):
         _check(self)

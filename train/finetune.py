@@ -164,7 +164,7 @@ def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after
     final = save_model(trainer.model(summary.pop("params")), out / "final", assets_from=tokenizer_folder(tc))
     summary["final"] = str(final)
     if tc.export_hf:
-        summary["export_hf"] = str(export_to_hf(final, tc.export_hf, progress=progress))
+        summary["export_hf"] = str(export_to_hf(final, tc.export_hf, progress=progress, overwrite=True))
     return summary
 
 

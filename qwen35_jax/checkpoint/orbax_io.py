@@ -266,10 +266,14 @@ def _get(tree, keys):
     return tree
 
 
-def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
+def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
+                 overwrite: bool = False) -> Path:
     """Writes an HF folder (config.json, sharded safetensors in the released layout: `model.language_model.`
-    prefix, fused experts; model.safetensors.index.json) that transformers `from_pretrained` loads."""
+    prefix, fused experts; model.safetensors.index.json) that transformers `from_pretrained` loads. An existing
+    `out` is replaced only with `overwrite`."""
     ckpt, out = orbax_path(ckpt), Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
     meta = read_metadata(ckpt)
     cfg = ModelConfig.from_dict(meta["config"], where=str(ckpt))
     stored = _stored_tree(ckpt)
