@@ -19,6 +19,7 @@ from qwen35_jax.cli import argument_parser, command
 from train.config import RECIPE_DIR, TrainConfig
 from train.finetune import TrainingDiverged, run
 
+
 def make_problems(n: int, digits: int, rng: random.Random, exclude: set = frozenset()) -> list[tuple[str, str]]:
     """n distinct (prompt "a+b=", answer "c") pairs with operands of 1..digits digits, none in `exclude`."""
     seen, problems = set(exclude), []
@@ -44,8 +45,7 @@ def train_tokenizer(folder: Path, problems) -> None:
                                    vocab_size=17, character_coverage=1.0, add_dummy_prefix=False,
                                    minloglevel=2)
     corpus.unlink()
-    import sentencepiece
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": sp.eos_id()}))
 
 
