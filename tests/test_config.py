@@ -8,28 +8,69 @@ from transformers import Qwen3_5Config, Qwen3_5MoeConfig
 from qwen35_jax import ConfigError, ModelConfig
 from qwen35_jax.config import PRESET_DIR
 
-RELEASED = {  # preset: (hidden, layers, experts, top-k, tied)
-    "qwen3.5-0.8b": (1024, 24, 0, 0, True), "qwen3.5-2b": (2048, 24, 0, 0, True),
-    "qwen3.5-4b": (2560, 32, 0, 0, True), "qwen3.5-9b": (4096, 32, 0, 0, False),
-    "qwen3.5-27b": (5120, 64, 0, 0, False), "qwen3.5-35b-a3b": (2048, 40, 256, 8, False),
-    "qwen3.5-122b-a10b": (3072, 48, 256, 8, False), "qwen3.5-397b-a17b": (4096, 60, 512, 10, False),
-}
+# The architecture spec's table of released checkpoints (qwen35-architecture.md, 1.2 "Released checkpoints"):
+# H, layers (linear/full), Hq/Hkv, Hk/Hv (linear), dense I, E, top-k, moe I, shared I, tied, vision
+# (depth/hidden/ffn/heads) -> out. An independent transcription: the preset JSON files must agree with it.
+SPEC_TABLE = """
+qwen3.5-0.8b      | 1024 | 24 (18/6)  | 8/2  | 16/16 | 3584  | -   | -  | -    | -    | true  | 12/768/3072/12 -> 1024
+qwen3.5-2b        | 2048 | 24 (18/6)  | 8/2  | 16/16 | 6144  | -   | -  | -    | -    | true  | 24/1024/4096/16 -> 2048
+qwen3.5-4b        | 2560 | 32 (24/8)  | 16/4 | 16/32 | 9216  | -   | -  | -    | -    | true  | 24/1024/4096/16 -> 2560
+qwen3.5-9b        | 4096 | 32 (24/8)  | 16/4 | 16/32 | 12288 | -   | -  | -    | -    | false | 27/1152/4304/16 -> 4096
+qwen3.5-27b       | 5120 | 64 (48/16) | 24/4 | 16/48 | 17408 | -   | -  | -    | -    | false | 27/1152/4304/16 -> 5120
+qwen3.5-35b-a3b   | 2048 | 40 (30/10) | 16/2 | 16/32 | -     | 256 | 8  | 512  | 512  | false | 27/1152/4304/16 -> 2048
+qwen3.5-122b-a10b | 3072 | 48 (36/12) | 32/2 | 16/64 | -     | 256 | 8  | 1024 | 1024 | false | 27/1152/4304/16 -> 3072
+qwen3.5-397b-a17b | 4096 | 60 (45/15) | 32/2 | 16/64 | -     | 512 | 10 | 1024 | 1024 | false | 27/1152/4304/16 -> 4096
+"""
 
 
-@pytest.mark.parametrize("preset", sorted(RELEASED))
+def spec_rows() -> dict[str, dict]:
+    rows = {}
+    for line in filter(None, SPEC_TABLE.strip().splitlines()):
+        name, h, layers, attn, linear, dense, e, k, moe, shared, tied, vision = (c.strip() for c in line.split("|"))
+        n, split = layers.split(" ")
+        lin, full = split.strip("()").split("/")
+        depth_hid_ffn_heads, out = vision.split(" -> ")
+        num = lambda x: 0 if x == "-" else int(x)  # noqa: E731
+        rows[name] = {
+            "hidden_size": int(h), "num_hidden_layers": int(n), "linear": int(lin), "full": int(full),
+            "num_attention_heads": int(attn.split("/")[0]), "num_key_value_heads": int(attn.split("/")[1]),
+            "linear_num_key_heads": int(linear.split("/")[0]), "linear_num_value_heads": int(linear.split("/")[1]),
+            "intermediate_size": num(dense), "num_experts": num(e), "num_experts_per_tok": num(k),
+            "moe_intermediate_size": num(moe), "shared_expert_intermediate_size": num(shared),
+            "tie_word_embeddings": tied == "true",
+            "vision": tuple(int(x) for x in depth_hid_ffn_heads.split("/")) + (int(out),)}
+    return rows
+
+
+SPEC = spec_rows()
+
+
+@pytest.mark.parametrize("preset", sorted(SPEC))
 def test_released_presets(preset):
+    """Every released preset against the spec's table, plus the values the spec says all checkpoints share."""
     cfg = ModelConfig.from_hf(preset)
-    hidden, layers, experts, top_k, tied = RELEASED[preset]
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok,
-            cfg.tie_word_embeddings) == (hidden, layers, experts, top_k, tied)
-    assert cfg.period == ("linear_attention",) * 3 + ("full_attention",)
-    assert cfg.num_periods == layers // 4 and cfg.rotary_dim == 64 and cfg.vision is not None
-    assert cfg.vision.out_hidden_size == hidden
+    row = SPEC[preset]
+    for field, value in row.items():
+        if field in ("linear", "full", "vision"):
+            continue
+        if field == "intermediate_size" and cfg.is_moe:
+            continue  # unused by MoE models (HF keeps its class default)
+        assert getattr(cfg, field) == value, field
+    assert (cfg.layer_types.count("linear_attention"), cfg.layer_types.count("full_attention")) == \
+        (row["linear"], row["full"])
+    assert cfg.period == ("linear_attention",) * 3 + ("full_attention",) and cfg.num_periods == row["full"]
+    shared = (cfg.head_dim, cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim,
+              cfg.rope_theta, cfg.partial_rotary_factor, cfg.rotary_dim, cfg.mrope_section,
+              cfg.max_position_embeddings, cfg.vocab_size, cfg.rms_norm_eps, cfg.hidden_act, cfg.mtp_num_hidden_layers)
+    assert shared == (256, 128, 128, 4, 1e7, 0.25, 64, (11, 11, 10), 262144, 248320, 1e-6, "silu", 1)
+    v = cfg.vision
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size) == row["vision"]
+    assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size, v.num_position_embeddings) == (16, 2, 2, 2304)
     # the same file through a path, and through HF's own config class, agree
     assert ModelConfig.from_hf(PRESET_DIR / f"{preset}.json") == cfg
-    hf_cls = Qwen3_5MoeConfig if experts else Qwen3_5Config
+    hf_cls = Qwen3_5MoeConfig if cfg.is_moe else Qwen3_5Config
     hf_text = hf_cls(**json.loads((PRESET_DIR / f"{preset}.json").read_text())).text_config
-    assert hf_text.layer_types == list(cfg.layer_types) and hf_text.hidden_size == hidden
+    assert hf_text.layer_types == list(cfg.layer_types) and hf_text.hidden_size == cfg.hidden_size
 
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe", "qwen3.5-35b-a3b", "qwen3.5-4b"])
