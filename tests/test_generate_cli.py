@@ -120,7 +120,8 @@ def test_cli_interactive_keeps_state(letters_checkpoint, capsys, monkeypatch):
     reply = tokenizer.decode(first["tokens"], skip_special_tokens=True)
     assert len(first["tokens"]) == 4 and reply.isascii() and reply.isalpha()
     messages = [{"role": "user", "content": "hi there"}]
-    assert first["prompt"] == tokenizer.encode(tokenizer.apply_chat_template(messages)) and first["state_length"] is None
+    assert first["state_length"] is None
+    assert first["prompt"] == tokenizer.encode(tokenizer.apply_chat_template(messages))
     messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "and again"}]
     conversation = tokenizer.encode(tokenizer.apply_chat_template(messages))
     fed = first["prompt"] + first["tokens"][:-1]  # the last sampled token of turn 1 was never fed
@@ -133,6 +134,7 @@ def test_cli_interactive_keeps_state(letters_checkpoint, capsys, monkeypatch):
     assert reply in out and tokenizer.decode(fresh.token_ids, skip_special_tokens=True) in out
 
 
+@pytest.mark.slow  # ~25 s: a second interactive CLI session (engine load and compiles)
 def test_cli_interactive_refeeds_a_rewritten_history(checkpoint, capsys, monkeypatch):
     """With a thinking template the generation prompt's `<think>` is not part of the rendered history, so the
     next turn no longer extends what was fed: the loop starts a fresh state with the whole conversation."""
