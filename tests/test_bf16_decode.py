@@ -7,7 +7,6 @@ import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 from flax import nnx
 
@@ -53,7 +52,7 @@ def our_cached_logits(model, prompt, continuation, max_len=128):
     return np.asarray(jnp.stack(logits[len(prompt) - 1:])), step
 
 
-@pytest.mark.slow  # ~45 s on 2 cores: bf16 engine prefill + decode and a bf16 step compiled, 2 HF loops
+# ~45 s on 2 cores: bf16 engine prefill + decode and a bf16 step compiled, 2 HF loops
 def test_bfloat16_engine_decode_tracks_hf(hf_checkpoint):
     """The engine decodes 12 greedy tokens in bf16; then, teacher-forced on those tokens, our bf16 decode logits
     at every step and the logits the engine's own final state gives the next token are compared with HF.

@@ -69,7 +69,7 @@ def test_chunked_prefill_matches_hf_over_2100_tokens(long_case):
     assert (got[-200:].argmax(-1) == ref[-200:].argmax(-1)).all()
 
 
-@pytest.mark.slow  # ~50 s on 2 cores: engine prefill + decode and a 2,047-token forward compiled, 2 HF forwards
+# ~50 s on 2 cores: engine prefill + decode and a 2,047-token forward compiled, 2 HF forwards
 def test_engine_decode_from_a_carried_state_equals_one_long_prefill(long_case):
     """Turn 1 prefills 1,500 tokens; turn 2 continues that state (`stream(state=...)`) with 540 more and decodes
     8 greedy tokens. The engine's final state must equal one prefill of the whole sequence (every cache leaf),

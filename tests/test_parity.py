@@ -1,5 +1,7 @@
 """Full-model logits against HF transformers in float32 (tiny random dense and MoE models)."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,8 +68,7 @@ def test_bfloat16_forward_tracks_float32(hf_checkpoint, preset):
     assert b16_model.embed_tokens[...].dtype == jnp.bfloat16
     b16 = jitted(b16_model)(tokens).astype(np.float32)
     hf_f32 = hf_logits(hf, tokens)
-    hf_b16 = hf_logits(hf.to(torch.bfloat16), tokens)
-    hf.to(torch.float32)
+    hf_b16 = hf_logits(copy.deepcopy(hf).to(torch.bfloat16), tokens)  # the session's HF model stays float32
     hf_own_error = np.abs(hf_b16 - hf_f32).max()
     assert 0 < hf_own_error < 0.1 * np.abs(hf_f32).max()
     assert np.abs(b16 - f32).max() <= 1.5 * hf_own_error

@@ -147,24 +147,6 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-6 and max_diff(g1, g2) <= 1e-6
 
 
-def test_sharded_train_step_equals_single_device():
-    from qwen35_jax.sharding import make_mesh
-    rng = np.random.default_rng(2)
-    batch = unpacked_batch(rng.integers(0, 256, (4, 32)).astype(np.int32))
-    # Adam's first update is ~lr * sign(g): for near-zero gradients it amplifies rounding, so a small lr keeps
-    # the parameter comparison about the gradients; the optimizer moments compare the gradients directly.
-    tc = TrainConfig(batch_size=4, warmup_steps=0, learning_rate=1e-4)
-    single = Trainer(small_model(), tc)
-    sharded = Trainer(small_model(), tc, make_mesh("fsdp=2,expert=2,tensor=2"))
-    s1, m1 = single.train_step(single.init_state(), single.put_batch(batch))
-    s2, m2 = sharded.train_step(sharded.init_state(), sharded.put_batch(batch))
-    experts = s2["params"]["decoder"]["periods"]["layers"][0]["mlp"]["experts_gate_up"]
-    assert experts.sharding.shard_shape(experts.shape)[0] == experts.shape[0] // 2  # really expert-sharded
-    assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-5
-    assert max_diff(s1["params"], s2["params"]) <= 1e-5
-    assert max_diff(s1["opt_state"], s2["opt_state"]) <= 1e-5
-
-
 def test_frozen_parameters_do_not_move_and_norms_get_no_weight_decay():
     rng = np.random.default_rng(3)
     batch = unpacked_batch(rng.integers(0, 256, (2, 16)).astype(np.int32))

@@ -95,7 +95,7 @@ def check_step_equals_reference(state, metrics, reference, rel):
     assert min(jax.tree.leaves(moved)) > 0  # every parameter was updated: the comparison covers real updates
 
 
-@pytest.mark.slow  # two more compilations of the train step (~25 s of CPU each)
+# two more compilations of the train step (~25 s of CPU each)
 def test_remat_policies_give_the_same_step(reference_step):
     """remat="full" and "dots" recompute the forward in the backward pass: the same float32 ops in another
     schedule, so loss, gradients and updated parameters equal remat="none"'s to rounding (measured: metrics
