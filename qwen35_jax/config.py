@@ -18,7 +18,12 @@ PRESET_DIR = importlib.resources.files("qwen35_jax") / "presets"  # package data
 LAYER_TYPES = ("linear_attention", "full_attention")
 SUPPORTED_ROPE_TYPES = ("default",)
 SUPPORTED_ACTIVATIONS = ("silu",)
-REMAT_POLICIES = ("none", "full", "dots")
+# Options of a call, not of the model: passing one to ModelConfig is a ConfigError saying where it goes.
+RUNTIME_OPTIONS = {
+    "remat": "pass remat=... to Qwen35.train_hidden_states (training: the TrainConfig key `remat`)",
+    "moe_backend": "pass moe_backend=... to the model call (Qwen35.__call__, hidden_states, "
+                   "train_hidden_states, forward_with_state)",
+}
 
 # HF-config fields read only to check them: this implementation computes with the one value given (with what
 # it means); any other value would load and silently compute something else, so it is a ConfigError.
@@ -104,10 +109,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     mtp_num_hidden_layers: int = 0
     vision: VisionConfig | None = None
-    # Runtime knobs (not part of HF configs).
+    # Not part of HF configs: the parameter layout (periods stacked for a layer scan, or one module per layer).
     scan_layers: bool = True
-    remat: str = "none"
-    moe_backend: str = "auto"
 
     def __post_init__(self):
         if not self.layer_types:
@@ -156,6 +159,11 @@ class ModelConfig:
         kwargs = _text_kwargs(text, where)
         if isinstance(top.get("vision_config"), dict):
             kwargs["vision"] = _vision_config(top["vision_config"], where)
+        runtime = sorted(set(overrides) & set(RUNTIME_OPTIONS))
+        if runtime:
+            name = runtime[0]
+            raise ConfigError(f"{name}={overrides[name]!r} is a runtime option, not a model config field: "
+                              f"{RUNTIME_OPTIONS[name]}")
         kwargs.update(overrides)
         try:
             return cls(**kwargs)
@@ -175,7 +183,7 @@ class ModelConfig:
             "layer_types": list(self.layer_types),
         }
         skip = {"layer_types", "rope_theta", "partial_rotary_factor", "mrope_section", "vision",
-                "scan_layers", "remat", "moe_backend"}
+                "scan_layers"}
         skip |= {"intermediate_size"} if self.is_moe else {
             "num_experts", "num_experts_per_tok", "moe_intermediate_size",
             "shared_expert_intermediate_size", "router_aux_loss_coef"}
@@ -308,7 +316,3 @@ def validate(c: ModelConfig) -> None:
     elif c.intermediate_size <= 0:
         raise ConfigError(f"intermediate_size={c.intermediate_size!r}: expected a positive integer for a dense "
                           "model (or set num_experts for an MoE model)")
-    if c.remat not in REMAT_POLICIES:
-        raise ConfigError(f"remat={c.remat!r}: expected one of {REMAT_POLICIES}")
-    if c.moe_backend not in ("auto", "ragged", "blocked"):
-        raise ConfigError(f"moe_backend={c.moe_backend!r}: expected 'auto', 'ragged' or 'blocked'")

@@ -71,8 +71,9 @@ def shard_bytes(abstract, float_bytes: int | None = None) -> int:
     return total
 
 
-def build_step(cfg, mesh, mode: str, batch: int, seq: int):
-    """(step function, its abstract arguments, {part name: abstract pytree}) for one step of `mode`."""
+def build_step(cfg, mesh, mode: str, batch: int, seq: int, remat: str = "full", moe_backend: str = "blocked"):
+    """(step function, its abstract arguments, {part name: abstract pytree}) for one step of `mode`; remat
+    applies to the train step, moe_backend to every mode."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -98,7 +99,7 @@ def build_step(cfg, mesh, mode: str, batch: int, seq: int):
     if mode == "prefill":
         def step(params, tokens):
             model = nnx.merge(graphdef, params)
-            return model.logits(model.hidden_states(tokens)[:, -1])
+            return model.logits(model.hidden_states(tokens, moe_backend=moe_backend)[:, -1])
         return step, (params, tokens), parts
     if mode == "decode":
         shapes = decode_state_shapes(cfg, batch, seq, dtype)
@@ -109,7 +110,7 @@ def build_step(cfg, mesh, mode: str, batch: int, seq: int):
 
         def step(params, cache, tokens):
             model = nnx.merge(graphdef, params)
-            hidden, cache = model.forward_with_state(tokens, cache)
+            hidden, cache = model.forward_with_state(tokens, cache, moe_backend=moe_backend)
             return model.logits(hidden[:, 0]), cache
         return step, (params, cache, tokens), parts
     tx = optax.adamw(1e-5)
@@ -118,7 +119,9 @@ def build_step(cfg, mesh, mode: str, batch: int, seq: int):
 
     def step(params, opt, tokens):
         def loss_fn(params):
-            logits = nnx.merge(graphdef, params)(tokens[:, :-1]).astype(jnp.float32)
+            model = nnx.merge(graphdef, params)
+            hidden, _ = model.train_hidden_states(tokens[:, :-1], remat=remat, moe_backend=moe_backend)
+            logits = model.logits(hidden).astype(jnp.float32)
             return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt = tx.update(grads, opt, params)
@@ -150,13 +153,13 @@ def run(model: str, devices: int, mesh_spec: str, mode: str, batch: int, seq: in
 
     # decode as the engine does: one module per layer, so the donated state is updated in place (a scan
     # over stacked layers would write a second copy of the whole state)
-    cfg = ModelConfig.from_hf(model, moe_backend=moe_backend, remat=remat, scan_layers=mode != "decode")
+    cfg = ModelConfig.from_hf(model, scan_layers=mode != "decode")
     sizes = parse_mesh_spec(mesh_spec)
     check_mesh(cfg, sizes, batch)
     if len(jax.devices()) < devices:
         raise ValueError(f"--devices {devices} but JAX has {len(jax.devices())} devices (set before JAX starts)")
     mesh = make_mesh(sizes, jax.devices()[:devices])
-    step, args, parts = build_step(cfg, mesh, mode, batch, seq)
+    step, args, parts = build_step(cfg, mesh, mode, batch, seq, remat, moe_backend)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = jax.jit(step, donate_argnums=tuple(range(len(args) - 1))).lower(*args).compile()

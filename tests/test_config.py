@@ -2,11 +2,14 @@
 
 import json
 
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 from transformers import Qwen3_5Config, Qwen3_5MoeConfig
 
 from qwen35_jax import ConfigError, ModelConfig
 from qwen35_jax.config import PRESET_DIR
+from qwen35_jax.nn.model import Qwen35
 
 # The architecture spec's table of released checkpoints (qwen35-architecture.md, 1.2 "Released checkpoints"):
 # H, layers (linear/full), Hq/Hkv, Hk/Hv (linear), dense I, E, top-k, moe I, shared I, tied, vision
@@ -114,6 +117,22 @@ def bad(**changes):
 def test_bad_configs_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         ModelConfig.from_hf(bad(**changes))
+
+
+@pytest.mark.parametrize("option,where", [("remat", "train_hidden_states"), ("moe_backend", "forward_with_state")])
+def test_runtime_options_are_not_config_fields(option, where):
+    """remat and moe_backend change how a call computes, not the model: they are arguments of the calls."""
+    with pytest.raises(ConfigError, match=rf"^{option}='full' is a runtime option.*{where}"):
+        ModelConfig.from_hf("tiny-moe", **{option: "full"})
+
+
+def test_bad_runtime_options_name_the_value_and_the_choices():
+    model = Qwen35(ModelConfig.from_hf("tiny-moe"), jnp.float32, nnx.Rngs(0))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"^remat='fulll': expected one of \('none', 'full', 'dots'\)$"):
+        model.train_hidden_states(tokens, remat="fulll")
+    with pytest.raises(ValueError, match=r"^moe_backend='dense': expected one of \('auto', 'ragged', 'blocked'\)$"):
+        model(tokens, moe_backend="dense")
 
 
 def test_missing_and_unreadable_configs(tmp_path):

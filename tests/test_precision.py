@@ -117,7 +117,7 @@ def test_float32_forward_prefill_and_decode_are_highest(preset):
 @pytest.mark.parametrize("preset,remat", [("tiny-moe", "none"), ("tiny-moe", "full"), ("tiny-dense", "dots")])
 def test_float32_loss_and_gradients_are_highest(preset, remat):
     """The backward passes too: transposed dots, the delta rule's and the CPU grouped MoE's custom VJPs."""
-    assert_all_highest(grads_jaxpr(model(preset, jnp.float32, remat=remat)))
+    assert_all_highest(grads_jaxpr(model(preset, jnp.float32), remat=remat))
 
 
 def test_bfloat16_keeps_the_default_outside_the_float32_core():

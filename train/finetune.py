@@ -36,29 +36,19 @@ def build_model(tc: TrainConfig, mesh=None) -> Qwen35:
     """From an Orbax checkpoint or HF folder (tc.model is a path; an Orbax checkpoint is read straight into the
     mesh's shardings), else a preset / config.json with random init (then placed on the mesh)."""
     dtype = resolve_dtype(tc.param_dtype)
-    knobs = {"scan_layers": tc.scan_layers, "remat": tc.remat}
     path = Path(tc.model)
     if path.is_dir():
         if tc.model_overrides:
             raise TrainConfigError(f"model_overrides apply to random init only, but model={tc.model} is a checkpoint")
-        model = load_model(path, dtype, mesh=mesh, scan_layers=tc.scan_layers)
-        return nnx.merge(*_with_config(model, knobs))
+        return load_model(path, dtype, mesh=mesh, scan_layers=tc.scan_layers)
     import dataclasses
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - set(knobs)
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"scan_layers"}
     unknown = sorted(set(tc.model_overrides) - known)
     if unknown:
         raise TrainConfigError(f"model_overrides: unknown model config field(s) {unknown}; known: {sorted(known)}")
-    cfg = ModelConfig.from_hf(tc.model, **tc.model_overrides, **knobs)
+    cfg = ModelConfig.from_hf(tc.model, **tc.model_overrides, scan_layers=tc.scan_layers)
     model = Qwen35(cfg, dtype, nnx.Rngs(tc.seed))
     return model if mesh is None else shard_model(model, mesh)
-
-
-def _with_config(model: Qwen35, knobs: dict):
-    """(graphdef, state) of `model` rebuilt with config knobs (remat) that the loader does not take."""
-    import dataclasses
-    cfg = dataclasses.replace(model.config, **knobs)
-    graphdef, _ = nnx.split(Qwen35.abstract(cfg, model.dtype))
-    return graphdef, nnx.state(model)
 
 
 def tokenizer_folder(tc: TrainConfig) -> Path:

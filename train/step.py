@@ -102,7 +102,7 @@ class Trainer:
         n_counted (all counted tokens of the optimizer step), so micro-batch objectives add up exactly."""
         model = nnx.merge(self.graphdef, self._cast(params))
         hidden, stats = model.train_hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
-                                                  router_stats=self.config.is_moe)
+                                                  router_stats=self.config.is_moe, remat=self.tc.remat)
         ce = cross_entropy_sum(hidden, model.logits, batch["targets"], batch["loss_mask"], self.tc.loss_chunk)
         metrics = {"ce_sum": ce}
         objective = ce / n_counted

@@ -13,6 +13,7 @@ from qwen35_jax.nn.gated_deltanet import GatedDeltaNet
 from qwen35_jax.nn.mlp import MLP
 from qwen35_jax.nn.moe import SparseMoe
 from qwen35_jax.nn.norms import RMSNorm
+from qwen35_jax.ops.moe import MOE_BACKENDS
 from qwen35_jax.sharding import constrain_activations
 
 
@@ -26,6 +27,7 @@ class Context(NamedTuple):
     n_valid: jax.Array | None = None  # int [B]: real tokens of this call per row (rest: right padding)
     segment_ids: jax.Array | None = None  # int [B, L]: packed documents (GDN state restarts at each start)
     token_mask: jax.Array | None = None   # [B, L] 1 = real token: MoE layers return router stats (training)
+    moe_backend: str = "auto"             # the grouped matmul of MoE layers: ops.moe.MOE_BACKENDS
 
 
 def add_stats(total: dict | None, stats: dict | None) -> dict | None:
@@ -64,7 +66,9 @@ class DecoderLayer(nnx.Module):
         h = self.post_attention_layernorm(x)
         stats = None
         if ctx.token_mask is not None and isinstance(self.mlp, SparseMoe):
-            h, stats = self.mlp(h, ctx.token_mask)
+            h, stats = self.mlp(h, ctx.token_mask, ctx.moe_backend)
+        elif isinstance(self.mlp, SparseMoe):
+            h = self.mlp(h, backend=ctx.moe_backend)
         else:
             h = self.mlp(h)
         return constrain_activations(x + h), state, stats
@@ -88,10 +92,17 @@ class DecoderPeriod(nnx.Module):
         return x, (None if states is None else new_states), total
 
 
-REMAT_POLICIES = {
+REMAT_POLICIES = {  # remat name -> the `nnx.remat` policy of each period ("none": no remat)
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raises ValueError naming the option, its value and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {choices}")
 
 
 class Decoder(nnx.Module):
@@ -105,7 +116,6 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.num_periods = cfg.num_periods
-        self.remat = cfg.remat
         if self.num_periods == 1:
             self.periods = DecoderPeriod(cfg, dtype, rngs)
             return
@@ -117,16 +127,20 @@ class Decoder(nnx.Module):
 
         self.periods = create(rngs)
 
-    def __call__(self, x: jax.Array, ctx: Context, states: list | None = None):
-        """x: [B, L, H]; states: the decode state's "layers" (stacked per period) or None.
+    def __call__(self, x: jax.Array, ctx: Context, states: list | None = None, remat: str = "none"):
+        """x: [B, L, H]; states: the decode state's "layers" (stacked per period) or None; remat: "none",
+        "full" (recompute each period's forward in the backward pass) or "dots" (keep its matmul outputs).
 
         Returns (x, new states or None, router stats summed over all MoE layers or None: present when
         ctx.token_mask is set and the model is MoE)."""
+        check_choice("remat", remat, REMAT_CHOICES)
+        check_choice("moe_backend", ctx.moe_backend, MOE_BACKENDS)
+
         def run(period, x, states):
             return period(x, ctx, states)
 
-        if self.remat != "none":
-            run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
+        if remat != "none":
+            run = nnx.remat(run, policy=REMAT_POLICIES[remat])
         if self.num_periods == 1:
             return run(self.periods, x, states)
         if states is None:

@@ -63,16 +63,21 @@ class Qwen35(nnx.Module):
         return rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.mrope_section)
 
     @_under_precision_policy
-    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """input_ids: int [B, L] -> final-normed hidden states [B, L, H] (no decode state)."""
-        return self.train_hidden_states(input_ids, positions)[0]
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                      moe_backend: str = "auto") -> jax.Array:
+        """input_ids: int [B, L] -> final-normed hidden states [B, L, H] (no decode state).
+        moe_backend: the grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`; "auto": blocked on CPU)."""
+        return self.train_hidden_states(input_ids, positions, moe_backend=moe_backend)[0]
 
     @_under_precision_policy
     def train_hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                            segment_ids: jax.Array | None = None, router_stats: bool = False):
+                            segment_ids: jax.Array | None = None, router_stats: bool = False,
+                            remat: str = "none", moe_backend: str = "auto"):
         """The training forward. input_ids: int [B, L]; positions: int [B, L] or [3, B, L] (default 0..L-1);
         segment_ids: int [B, L] or None: packed documents (attention stays within a segment, GDN conv and
         recurrent states restart at each segment start; id 0 marks padding, which no router stat counts).
+        remat: "none", "full" or "dots" (`nn.decoder.REMAT_POLICIES`), applied to each decoder period;
+        moe_backend: the grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`).
 
         Returns (final-normed hidden states [B, L, H], router stats summed over MoE layers or None): see
         `ops.moe.router_stats`; requested by router_stats=True and only for MoE models.
@@ -87,18 +92,19 @@ class Qwen35(nnx.Module):
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         if router_stats:
             token_mask = jnp.ones((batch, seq)) if segment_ids is None else (segment_ids != 0)
-        ctx = Context(cos, sin, mask, segment_ids=segment_ids, token_mask=token_mask)
-        x, _, stats = self.decoder(self.embed(input_ids), ctx)
+        ctx = Context(cos, sin, mask, segment_ids=segment_ids, token_mask=token_mask, moe_backend=moe_backend)
+        x, _, stats = self.decoder(self.embed(input_ids), ctx, remat=remat)
         return self.norm(x), stats
 
     @_under_precision_policy
-    def forward_with_state(self, input_ids: jax.Array, state: dict, n_valid: jax.Array | None = None
-                           ) -> tuple[jax.Array, dict]:
+    def forward_with_state(self, input_ids: jax.Array, state: dict, n_valid: jax.Array | None = None,
+                           moe_backend: str = "auto") -> tuple[jax.Array, dict]:
         """Continues a decode state (qwen35_jax.cache) with new tokens.
 
         input_ids: int [B, T], row b holding n_valid[b] real tokens then right padding (n_valid None: all
         real). Token t of row b sits at position state["lengths"][b] + t. Returns (final-normed hidden
-        states [B, T, H], new state with lengths += n_valid); padding never enters the state.
+        states [B, T, H], new state with lengths += n_valid); padding never enters the state. moe_backend: the
+        grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`).
         """
         batch, seq = input_ids.shape
         starts = state["lengths"]
@@ -107,7 +113,7 @@ class Qwen35(nnx.Module):
         cos, sin = self.rope(positions)
         max_len = state_max_len(state)
         mask = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
-        ctx = Context(cos, sin, mask, starts, n_valid)
+        ctx = Context(cos, sin, mask, starts, n_valid, moe_backend=moe_backend)
         x, layers, _ = self.decoder(self.embed(input_ids), ctx, state["layers"])
         return self.norm(x), {"lengths": starts + n_valid, "layers": layers}
 
@@ -123,8 +129,9 @@ class Qwen35(nnx.Module):
         return hidden @ self.lm_head[...]
 
     @_under_precision_policy
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.hidden_states(input_ids, positions))
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 moe_backend: str = "auto") -> jax.Array:
+        return self.logits(self.hidden_states(input_ids, positions, moe_backend))
 
 
 def unstack_layers(model: Qwen35) -> Qwen35:

@@ -19,11 +19,10 @@ class SparseMoe(nnx.Module):
         self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, dtype, rngs, std)
         self.shared_expert_gate = param(rngs, (h, 1), ("embed", None), dtype, std=std)
         self.top_k = cfg.num_experts_per_tok
-        self.backend = cfg.moe_backend
 
     @jax.named_scope("moe")
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None):
-        """x: [batch, seq, H] -> [batch, seq, H].
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, backend: str = "auto"):
+        """x: [batch, seq, H] -> [batch, seq, H]; backend: the grouped matmul (`ops.moe.MOE_BACKENDS`).
 
         With token_mask ([batch, seq], 1 = real token) it returns (output, `router_stats` of this layer),
         what the load-balancing and z losses are built from.
@@ -35,9 +34,9 @@ class SparseMoe(nnx.Module):
         w1, w2 = self.experts_gate_up[...], self.experts_down[...]
         mesh = expert_parallel_mesh(w1.shape[0], w1.shape[-1])
         if mesh is None:
-            routed = moe_experts(tokens, weights, ids, w1, w2, self.backend)
+            routed = moe_experts(tokens, weights, ids, w1, w2, backend)
         else:
-            routed = moe_experts_parallel(tokens, weights, ids, w1, w2, mesh, self.backend)
+            routed = moe_experts_parallel(tokens, weights, ids, w1, w2, mesh, backend)
         shared = self.shared_expert(tokens) * jax.nn.sigmoid(tokens @ self.shared_expert_gate[...])
         out = (routed + shared).reshape(x.shape)
         if token_mask is None:

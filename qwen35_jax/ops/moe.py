@@ -61,6 +61,9 @@ def grouped_swiglu_ragged(x_sorted, group_sizes, w_gate_up, w_down):
     return jax.lax.ragged_dot(act, w_down, group_sizes)
 
 
+MOE_BACKENDS = ("auto", "ragged", "blocked")  # auto: blocked on CPU, ragged_dot elsewhere
+
+
 def default_backend() -> str:
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
