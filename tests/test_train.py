@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from qwen35_jax.checkpoint.names import checkpoint_rules
 from qwen35_jax.hf_reference import build_hf_model, save_hf_model
@@ -262,3 +263,11 @@ def test_cli_reports_bad_input(tmp_path, bpe_folder, capsys, line, overrides, me
                       f"seq_len: 32\nmodel_overrides: {{vocab_size: 512}}\noutput_dir: {tmp_path / 'out'}\n")
     assert main(["--config", str(config), "--no-progress", *overrides]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_checkpoint_master_weights_keep_param_dtype(hf_checkpoint):
+    """param_dtype is the master weights' dtype even on CPU, where inference loads compute in float32."""
+    from train.finetune import build_model
+    _, folder = hf_checkpoint("tiny-dense")
+    model = build_model(TrainConfig(model=str(folder), param_dtype="bfloat16"))
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}

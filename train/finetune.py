@@ -40,7 +40,8 @@ def build_model(tc: TrainConfig, mesh=None) -> Qwen35:
     if path.is_dir():
         if tc.model_overrides:
             raise TrainConfigError(f"model_overrides apply to random init only, but model={tc.model} is a checkpoint")
-        return load_model(path, dtype, mesh=mesh, scan_layers=tc.scan_layers)
+        # master weights in param_dtype as asked (the trainer casts them to compute_dtype itself)
+        return load_model(path, dtype, mesh=mesh, scan_layers=tc.scan_layers, compute_dtype=dtype)
     import dataclasses
     known = {f.name for f in dataclasses.fields(ModelConfig)} - {"scan_layers"}
     unknown = sorted(set(tc.model_overrides) - known)
