@@ -48,7 +48,6 @@ def write_loss_plot(log: str | Path, out: str | Path | None = None) -> Path | No
         ax.set_yscale("log")
         from matplotlib.ticker import FormatStrFormatter
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title(str(log.parent))
