@@ -61,11 +61,8 @@ def cast_model(model: Qwen35, dtype) -> Qwen35:
     if jnp.dtype(model.dtype) == dtype:
         return model
     graphdef, state = nnx.split(model)
-    for _, variable in nnx.to_flat_state(state):
-        value = variable.get_value()
-        if jnp.issubdtype(value.dtype, jnp.floating):
-            variable.set_value(value.astype(dtype))
-    model = nnx.merge(graphdef, state)
+    state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    model = nnx.merge(graphdef, state)  # new modules and variables: the model passed in is left as it was
     model.dtype = dtype
     return model
 

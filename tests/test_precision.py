@@ -210,3 +210,13 @@ def test_bfloat16_load_on_cpu_holds_float32_copies_of_the_bfloat16_values(hf_che
         init_decode_state(e.config, 1, 16, e.model.dtype)["layers"])}
     assert state_dtypes(engine) == {jnp.dtype(jnp.float32)}
     assert state_dtypes(forced) == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}  # GDN state stays float32
+
+
+def test_cast_model_leaves_its_input_unchanged():
+    from qwen35_jax.loading import cast_model
+    original = Qwen35(ModelConfig.from_hf("tiny-dense"), jnp.float32, nnx.Rngs(0))
+    cast = cast_model(original, jnp.bfloat16)
+    assert original.dtype == jnp.float32 and original.embed_tokens[...].dtype == jnp.float32
+    assert cast.dtype == jnp.bfloat16 and cast.embed_tokens[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(cast.embed_tokens[...].astype(jnp.float32)),
+                                  np.asarray(original.embed_tokens[...].astype(jnp.bfloat16).astype(jnp.float32)))
