@@ -75,6 +75,7 @@ class TrainConfig:
     compute_dtype: str = "float32"           # matrices cast to this for the forward/backward
     remat: str = "none"                      # none | full | dots
     scan_layers: bool = True
+    moe_backend: str = "auto"                # grouped matmul + token exchange: auto | ragged (TPU/GPU) | blocked (CPU)
     loss_chunk: int = 4096                   # tokens per cross-entropy block (0: all at once)
     mesh: str | None = None                  # e.g. "fsdp=2,expert=2,tensor=2" (None: one device)
     seed: int = 0
@@ -167,7 +168,8 @@ def _check(c: TrainConfig) -> None:
             raise TrainConfigError(f"config key {key!r}: expected a list of strings, got {getattr(c, key)!r}",
                                    key=key)
     choices = {"overflow": ("split", "reject"), "remat": ("none", "full", "dots"),
-               "param_dtype": ("float32", "bfloat16"), "compute_dtype": ("float32", "bfloat16")}
+               "param_dtype": ("float32", "bfloat16"), "compute_dtype": ("float32", "bfloat16"),
+               "moe_backend": ("auto", "ragged", "blocked")}
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise TrainConfigError(f"config key {key!r}: {getattr(c, key)!r} is not one of {list(allowed)}",

@@ -64,7 +64,7 @@ def tokenizer_folder(tc: TrainConfig) -> Path:
 
 
 # Config keys a resumed run may change: they do not touch the training trajectory.
-RESUMABLE_CHANGES = {"output_dir", "save_every", "keep_checkpoints", "eval_data", "eval_every", "eval_batches",
+RESUMABLE_CHANGES = {"moe_backend", "output_dir", "save_every", "keep_checkpoints", "eval_data", "eval_every", "eval_batches",
                      "log_every", "export_hf"}
 
 

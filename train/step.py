@@ -61,6 +61,48 @@ class Trainer:
         on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh  # noqa: E731
         return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated), state)
 
+    def abstract_state(self) -> dict:
+        """The state `init_state` builds, as ShapeDtypeStructs with the same shardings and nothing allocated:
+        what ahead-of-time compilation of the train step needs (`lower_train_step`, the dry-run)."""
+        params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), self._params)
+        if self.mesh is not None:
+            params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params,
+                                  self.param_shardings)
+        opt_state = jax.eval_shape(self.tx.init, params)
+        if self.mesh is not None:
+            opt_state = jax.tree_util.tree_map_with_path(self._follow_params(params), opt_state)
+        scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=None if self.mesh is None  # noqa
+                                                          else NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        return {"params": params, "opt_state": opt_state, "step": scalar((), jnp.int32),
+                "rng": scalar(rng.shape, rng.dtype)}
+
+    def _follow_params(self, params):
+        """Optimizer leaves whose path ends with a parameter's path and have its shape (Adam's mu / nu) take its
+        sharding, as `jax.jit(tx.init)` places them; the rest (step counts) are replicated."""
+        by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+        def place(path, leaf):
+            path = tuple(path)
+            match = next((by_path[path[i:]] for i in range(len(path)) if path[i:] in by_path), None)
+            sharding = match.sharding if match is not None and match.shape == leaf.shape else replicated
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+        return place
+
+    def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
+        """A batch of [batch_size, seq_len] ShapeDtypeStructs placed as `put_batch` places real ones."""
+        dtypes = {"loss_mask": jnp.float32}
+        return {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes.get(key, jnp.int32),
+                                          sharding=self.batch_sharding((batch_size, seq_len)))
+                for key in BATCH_KEYS}
+
+    def lower_train_step(self, state: dict, batch: dict) -> jax.stages.Lowered:
+        """The jitted train step lowered for `state` and `batch` (concrete or abstract: `abstract_state`,
+        `abstract_batch`); `.compile()` gives what `train_step` runs, with its memory and cost analyses."""
+        with self._mesh_context():
+            return self._jitted_train_step(state).lower(state, batch)
+
     def release_params(self):
         """The model's own parameter arrays, forgotten by the trainer: `init_state(trainer.release_params())`
         trains them in place (donated) instead of keeping a copy (what the fine-tuning run does)."""
@@ -102,7 +144,8 @@ class Trainer:
         n_counted (all counted tokens of the optimizer step), so micro-batch objectives add up exactly."""
         model = nnx.merge(self.graphdef, self._cast(params))
         hidden, stats = model.train_hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
-                                                  router_stats=self.config.is_moe, remat=self.tc.remat)
+                                                  router_stats=self.config.is_moe, remat=self.tc.remat,
+                                                  moe_backend=self.tc.moe_backend)
         ce = cross_entropy_sum(hidden, model.logits, batch["targets"], batch["loss_mask"], self.tc.loss_chunk)
         metrics = {"ce_sum": ce}
         objective = ce / n_counted
@@ -152,12 +195,15 @@ class Trainer:
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer step (jitted, the state donated). A non-finite loss or gradient leaves the state
         unchanged (the caller stops the run: metrics["loss"] is not finite)."""
+        with self._mesh_context():
+            return self._jitted_train_step(state)(state, batch)
+
+    def _jitted_train_step(self, state: dict):
         if self._train_step is None:
             shardings = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, state)
             self._train_step = jax.jit(self._step, donate_argnums=0,
                                        out_shardings=None if shardings is None else (shardings, None))
-        with self._mesh_context():
-            return self._train_step(state, batch)
+        return self._train_step
 
     def eval_step(self, params, batch: dict) -> dict:
         """{"ce_sum", "tokens"} of a batch (no gradients)."""
