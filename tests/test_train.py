@@ -100,6 +100,15 @@ def small_model(preset="tiny-moe", seed=0):
     return Qwen35(ModelConfig.from_hf(preset, **SMALL), jnp.float32, nnx.Rngs(seed))
 
 
+def small_model_two_periods(seed=0):
+    """tiny-moe as it is: 8 layers, 2 scanned periods."""
+    from flax import nnx
+
+    from qwen35_jax.config import ModelConfig
+    from qwen35_jax.nn.model import Qwen35
+    return Qwen35(ModelConfig.from_hf("tiny-moe"), jnp.float32, nnx.Rngs(seed))
+
+
 def flat(tree) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -151,7 +160,8 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_frozen_parameters_do_not_move_and_norms_get_no_weight_decay():
     rng = np.random.default_rng(3)
     batch = unpacked_batch(rng.integers(0, 256, (2, 16)).astype(np.int32))
-    tc = TrainConfig(batch_size=2, warmup_steps=0, frozen=["embed_tokens", r"mlp/router"], weight_decay=0.5)
+    tc = TrainConfig(batch_size=2, warmup_steps=0, frozen=[r"model\.embed_tokens\.", r"mlp\.gate\.weight"],
+                     weight_decay=0.5)
     trainer = Trainer(small_model(), tc)
     before = flat(trainer.init_state()["params"])
     state, _ = trainer.train_step(trainer.init_state(), trainer.put_batch(batch))
@@ -164,6 +174,38 @@ def test_frozen_parameters_do_not_move_and_norms_get_no_weight_decay():
     decayed = flat(decay_mask(nnx.state(small_model())))
     assert not any(v for k, v in decayed.items() if "norm" in k or "A_log" in k or "dt_bias" in k)
     assert all(v for k, v in decayed.items() if "experts" in k or "proj" in k)
+
+
+def test_frozen_layers_of_a_scanned_model_are_per_real_layer():
+    """tiny-moe: 8 layers = 2 periods of 4, scanned. Freezing layer 5 (period 1, slot 1) and layer 2's routed experts
+    (period 0, slot 2) keeps exactly those slices of the stacked parameters (weight decay on: it would move them),
+    their gradients are zero (so outside the clipped norm), and every other slice moves."""
+    batch = unpacked_batch(np.random.default_rng(3).integers(0, 256, (2, 16)).astype(np.int32))
+    tc = TrainConfig(batch_size=2, warmup_steps=0, weight_decay=0.5, learning_rate=1e-2,
+                     frozen=[r"model\.layers\.5\.", r"model\.layers\.2\.mlp\.experts\."])
+    trainer = Trainer(small_model_two_periods(), tc)
+    state = trainer.init_state()
+    grads, _ = jax.jit(trainer.grads)(state["params"], trainer.put_batch(batch))
+    before = flat(state["params"])
+    state, _ = trainer.train_step(state, trainer.put_batch(batch))
+    after, grads = flat(state["params"]), flat(grads)
+    layers = [k for k in before if "'periods'" in k]
+    for k in layers:
+        slot = int(re.search(r"\['layers'\]\[(\d)\]", k).group(1))
+        for period in (0, 1):
+            layer = 4 * period + slot
+            frozen = layer == 5 or (layer == 2 and "experts_" in k)
+            same = np.array_equal(before[k][period], after[k][period])
+            assert same == frozen, (k, layer)
+            assert (not grads[k][period].any()) == frozen, (k, layer)
+
+
+def test_frozen_patterns_report_what_names_look_like():
+    from train.config import TrainConfigError
+    with pytest.raises(TrainConfigError, match=r"match no parameter; names look like .*model\.layers\.0\.linear_attn"):
+        Trainer(small_model(), TrainConfig(frozen=["decoder/periods"]))
+    with pytest.raises(TrainConfigError, match=r"stored together with .*up_proj"):
+        Trainer(small_model(), TrainConfig(frozen=[r"layers\.0\.mlp\.shared_expert\.gate_proj"]))
 
 
 def test_non_finite_loss_leaves_the_state_unchanged():

@@ -69,7 +69,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0               # global-norm clipping (0: off)
     router_aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
     router_z_loss_coef: float = 0.0
-    frozen: list = dataclasses.field(default_factory=list)  # regexes over parameter names
+    frozen: list = dataclasses.field(default_factory=list)  # regexes over HF names: model.layers.3.mlp.gate.weight
     # numerics and memory
     param_dtype: str = "float32"             # master weights
     compute_dtype: str = "float32"           # matrices cast to this for the forward/backward

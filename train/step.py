@@ -13,7 +13,7 @@ from qwen35_jax.loading import resolve_dtype
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import logical_spec, variable_sharding
 from train.loss import cross_entropy_sum, load_balancing_loss, router_z_loss
-from train.optim import (frozen_mask, is_variable, learning_rate_schedule, make_optimizer, matrix_mask,
+from train.optim import (freeze, frozen_mask, is_variable, learning_rate_schedule, make_optimizer, matrix_mask,
                          plain_values)
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
@@ -31,11 +31,11 @@ class Trainer:
     def __init__(self, model: Qwen35, tc, mesh: jax.sharding.Mesh | None = None):
         self.config, self.tc, self.mesh = model.config, tc, mesh
         self.graphdef, variables = nnx.split(model)
-        self.tx = make_optimizer(tc, variables)
+        self.frozen = frozen_mask(self.config, plain_values(variables), tc.frozen)
+        self.tx = make_optimizer(tc, variables, self.frozen)
         self.schedule = learning_rate_schedule(tc)
         self.compute_dtype = resolve_dtype(tc.compute_dtype)
         self.cast_mask = matrix_mask(variables)
-        self.frozen = frozen_mask(plain_values(variables), tc.frozen)
         coef = tc.router_aux_loss_coef
         self.aux_coef = self.config.router_aux_loss_coef if coef is None else coef
         self._params = plain_values(variables)
@@ -135,8 +135,8 @@ class Trainer:
     # ----- loss -----
     def _cast(self, params):
         """Matrices to the compute dtype (master copies stay in params); norms and 1-D params stay float32.
-        Frozen parameters are constants to the gradient (zero gradients, not part of the grad norm)."""
-        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen)
+        Frozen parameters and slices are constants to the gradient (zero gradients, not part of the grad norm)."""
+        params = freeze(params, self.frozen)
         return jax.tree.map(lambda p, m: p.astype(self.compute_dtype) if m else p, params, self.cast_mask)
 
     def loss_terms(self, params, batch: dict, n_counted) -> tuple[jax.Array, dict]:
