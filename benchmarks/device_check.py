@@ -35,7 +35,8 @@ from benchmarks.common import add_config_arguments, median_seconds  # noqa: E402
 from qwen35_jax.cache import init_decode_state, state_bytes  # noqa: E402
 from qwen35_jax.config import ModelConfig  # noqa: E402
 from qwen35_jax.nn.model import Qwen35, unstack_layers  # noqa: E402
-from qwen35_jax.ops.moe import moe_experts, moe_experts_parallel, route  # noqa: E402
+from qwen35_jax.ops.expert_parallel import moe_experts_parallel  # noqa: E402
+from qwen35_jax.ops.moe import moe_experts, route  # noqa: E402
 from qwen35_jax.sharding import make_mesh  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s) and HBM bandwidth (GB/s) per chip, by a substring of `device_kind`, most specific

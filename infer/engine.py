@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 
 from infer.sampling import SamplingParams, batch_arrays, sample
-from qwen35_jax.cache import init_decode_state
+from qwen35_jax.cache import abstract_decode_state, decode_state_shardings, init_decode_state
 from qwen35_jax.checkpoint.orbax_io import ASSETS
 from qwen35_jax.loading import load_model
-from qwen35_jax.nn.model import unstack_layers
+from qwen35_jax.nn.model import state_max_len, unstack_layers
 from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -49,7 +49,7 @@ def _bucket(n: int, cap: int) -> int:
 
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer | None = None, max_len: int = 4096, prefill_chunk: int = 512,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, moe_backend: str = "auto"):
         if max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"max_len={max_len} must be >= 2 and prefill_chunk={prefill_chunk} >= 1")
         model = unstack_layers(model)  # decoding reads unstacked layers (see nn.decoder.Decoder)
@@ -58,11 +58,72 @@ class Engine:
         self.max_len, self.prefill_chunk = max_len, prefill_chunk
         self.graphdef, self.params = nnx.split(model)
         self.decode_traces = 0  # how many times the decode step was traced (compiled)
-        self.mesh = mesh
-        self._prefill = self._in_mesh(jax.jit(self._prefill_fn, donate_argnums=(1,)))
-        self._decode = self._in_mesh(jax.jit(self._decode_fn, donate_argnums=(1, 3, 4)))
+        self.mesh, self.moe_backend = mesh, moe_backend  # moe_backend: ops.moe.MOE_BACKENDS
+        self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._decode_jit = jax.jit(self._decode_fn, donate_argnums=(1, 3, 4))
+        self._prefill, self._decode = self._in_mesh(self._prefill_jit), self._in_mesh(self._decode_jit)
         self._first_sample = self._in_mesh(jax.jit(self._sample_and_count))
         self.last_state = None
+
+    @classmethod
+    def abstract(cls, cfg, mesh=None, dtype=jnp.bfloat16, max_len: int = 4096, prefill_chunk: int = 512,
+                 moe_backend: str = "auto") -> Engine:
+        """An engine over a model of ShapeDtypeStructs placed by the sharding rules (nothing allocated): its
+        `lower_prefill` / `lower_decode` compile the engine's own steps for any model size (the dry-run)."""
+        import dataclasses
+
+        from qwen35_jax.nn.model import Qwen35
+        from qwen35_jax.sharding import variable_sharding
+        model = Qwen35.abstract(dataclasses.replace(cfg, scan_layers=False), dtype)
+        if mesh is not None:
+            graphdef, state = nnx.split(model)
+            state = jax.tree.map(lambda v: v.replace(jax.ShapeDtypeStruct(
+                v.get_value().shape, v.get_value().dtype, sharding=variable_sharding(v, mesh))), state,
+                is_leaf=lambda x: isinstance(x, nnx.Variable))
+            model = nnx.merge(graphdef, state)
+        return cls(model, None, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh, moe_backend=moe_backend)
+
+    def init_state(self, batch: int) -> dict:
+        """An empty decode state for `batch` rows, sharded like its batch and heads on the engine's mesh
+        (`qwen35_jax.cache.decode_state_shardings`)."""
+        return init_decode_state(self.config, batch, self.max_len, self.model.dtype, mesh=self.mesh)
+
+    def lower_prefill(self, batch: int, chunk: int | None = None) -> jax.stages.Lowered:
+        """The prefill step (one chunk of `chunk` tokens per row; default prefill_chunk) lowered for abstract
+        arguments placed as `stream` places them."""
+        chunk = chunk or self.prefill_chunk
+        tokens = self._abstract((batch, chunk), jnp.int32)
+        with self._mesh_context():
+            return self._prefill_jit.lower(self.params, self._abstract_state(batch), tokens,
+                                           self._abstract((batch,), jnp.int32))
+
+    def lower_decode(self, batch: int) -> jax.stages.Lowered:
+        """The one-token decode step (forward + sampling) lowered for abstract arguments, as `stream` runs it."""
+        vocab = self.config.vocab_size
+        sampling = jax.eval_shape(lambda: batch_arrays([SamplingParams()] * batch, [0] * batch))
+        sampling = jax.tree.map(lambda s: self._abstract(s.shape, s.dtype), sampling)
+        with self._mesh_context():
+            return self._decode_jit.lower(
+                self.params, self._abstract_state(batch), self._abstract((batch,), jnp.int32),
+                self._abstract((batch, vocab), jnp.int32), self._abstract((batch, vocab), jnp.bool_),
+                self._abstract((batch,), jnp.int32), sampling, 1)
+
+    def _abstract_state(self, batch: int) -> dict:
+        return abstract_decode_state(self.config, batch, self.max_len, self.model.dtype, self.mesh)
+
+    def _abstract(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        """A [batch, ...] argument, rows split by the batch rule on the engine's mesh."""
+        if self.mesh is None:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        from jax.sharding import NamedSharding
+
+        from qwen35_jax.sharding import logical_spec
+        spec = logical_spec(("batch",) + (None,) * (len(shape) - 1), shape, self.mesh)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, spec))
+
+    def _mesh_context(self):
+        import contextlib
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @classmethod
     def load(cls, path: str | Path, dtype="float32", max_len: int = 4096, mesh=None, prefill_chunk: int = 512,
@@ -72,7 +133,7 @@ class Engine:
         dtype / compute_dtype as in `load_model`: on CPU a bfloat16 load computes (and keeps its decode state)
         in float32 unless compute_dtype="bfloat16". With a mesh, parameters are sharded by the rules of
         qwen35_jax.sharding, the MoE runs expert-parallel under shard_map, and XLA inserts the other
-        collectives; the decode state starts replicated."""
+        collectives; the decode state is sharded like its batch and heads (`init_state`)."""
         model = load_model(path, dtype=dtype, mesh=mesh, scan_layers=False, compute_dtype=compute_dtype)
         if tokenizer is None:  # an HF folder holds its tokenizer; a converted checkpoint keeps it in assets/
             tokenizer = next((Tokenizer.load(d) for d in (Path(path), Path(path) / ASSETS)
@@ -95,7 +156,8 @@ class Engine:
     def _prefill_fn(self, params, state, tokens, n_valid):
         """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state)."""
         model = nnx.merge(self.graphdef, params)
-        hidden, state = model.forward_with_state(tokens, state, n_valid)
+        hidden, state = model.forward_with_state(tokens, state, n_valid, moe_backend=self.moe_backend)
+        state = self._placed(state)
         last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
         return model.logits(last).astype(jnp.float32), state
 
@@ -103,9 +165,19 @@ class Engine:
         """One token per row: forward, then sample. tokens [B]; counts, seen [B, V] (donated)."""
         self.decode_traces += 1
         model = nnx.merge(self.graphdef, params)
-        hidden, state = model.forward_with_state(tokens[:, None], state, n_valid)
+        hidden, state = model.forward_with_state(tokens[:, None], state, n_valid, moe_backend=self.moe_backend)
+        state = self._placed(state)
         logits = model.logits(hidden[:, 0]).astype(jnp.float32)
         return self._sample_and_count(logits, counts, seen, sampling, step) + (state,)
+
+    def _placed(self, state: dict) -> dict:
+        """The new decode state pinned to the placement `init_state` gives it (so it stays sharded, step after
+        step, whatever XLA would propagate)."""
+        if self.mesh is None:
+            return state
+        shardings = decode_state_shardings(self.config, state["lengths"].shape[0], state_max_len(state),
+                                           jnp.float32, self.mesh)
+        return jax.lax.with_sharding_constraint(state, shardings)
 
     @staticmethod
     def _sample_and_count(logits, counts, seen, sampling, step):
@@ -144,7 +216,7 @@ class Engine:
         if len(params) != batch:
             raise ValueError(f"got {len(params)} SamplingParams for {batch} prompts")
         if state is None:
-            state = init_decode_state(self.config, batch, self.max_len, self.model.dtype)
+            state = self.init_state(batch)
         start_lengths = np.asarray(state["lengths"])
         if start_lengths.shape != (batch,):
             raise ValueError(f"the decode state holds {start_lengths.shape[0]} rows but {batch} prompts were given")

@@ -54,9 +54,34 @@ def decode_state_axes(cfg: ModelConfig) -> dict:
     return {"lengths": ("batch",), "layers": layers}
 
 
-def init_decode_state(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty decode state (all zeros, lengths 0)."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), decode_state_shapes(cfg, batch, max_len, dtype))
+def decode_state_shardings(cfg: ModelConfig, batch: int, max_len: int, dtype, mesh) -> dict:
+    """NamedShardings of the decode state by the rules of qwen35_jax.sharding: rows like the batch (over data,
+    fsdp and expert), heads over tensor, each where the axes divide the dim."""
+    from jax.sharding import NamedSharding
+
+    from qwen35_jax.sharding import logical_spec
+    return jax.tree.map(lambda axes, s: NamedSharding(mesh, logical_spec(axes, s.shape, mesh)),
+                        decode_state_axes(cfg), decode_state_shapes(cfg, batch, max_len, dtype),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def abstract_decode_state(cfg: ModelConfig, batch: int, max_len: int, dtype, mesh=None) -> dict:
+    """`decode_state_shapes` with the shardings `init_decode_state` places them with on `mesh`."""
+    shapes = decode_state_shapes(cfg, batch, max_len, dtype)
+    if mesh is None:
+        return shapes
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        decode_state_shardings(cfg, batch, max_len, dtype, mesh))
+
+
+def init_decode_state(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, mesh=None) -> dict:
+    """An empty decode state (all zeros, lengths 0); with a mesh, created sharded (`decode_state_shardings`),
+    no device ever holding the whole state."""
+    shapes = decode_state_shapes(cfg, batch, max_len, dtype)
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+    if mesh is None:
+        return zeros()
+    return jax.jit(zeros, out_shardings=decode_state_shardings(cfg, batch, max_len, dtype, mesh))()
 
 
 def state_bytes(state) -> int:

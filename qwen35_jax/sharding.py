@@ -1,7 +1,9 @@
 """Meshes and the one table of rules mapping logical axis names to mesh axes.
 
-Mesh axes: `data`, `fsdp` (parameters and optimizer state sharded, batch split), `expert` (MoE experts),
-`tensor` (heads, MLP / expert intermediate dims, vocab). A logical axis whose size the mesh axes do not
+Mesh axes: `data` (batch split), `fsdp` (batch split; parameters and optimizer state sharded), `expert` (MoE
+experts; outside the MoE it acts as one more fsdp axis: batch split, non-expert parameters sharded), `tensor`
+(heads, MLP / expert intermediate dims, vocab). Each mesh axis shards one dim of an array at most, taken by the
+first dim that asks for it: an expert weight's `experts` dim takes `expert`, so its `embed` dim gets `fsdp` only. A logical axis whose size the mesh axes do not
 divide is replicated instead (the 2 KV heads of the released models on a tensor axis of 4, say).
 """
 
@@ -16,9 +18,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("vocab", ("tensor",)),
-    ("embed", ("fsdp",)),
+    ("embed", ("fsdp", "expert")),
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("key_heads", ("tensor",)),
@@ -79,7 +81,7 @@ def variable_sharding(variable, mesh: Mesh) -> NamedSharding:
 
 
 def constrain_activations(x: jax.Array) -> jax.Array:
-    """Pins an activation [batch, ...] to batch-over-(data, fsdp), the rest replicated, when a mesh is in
+    """Pins an activation [batch, ...] to batch-over-(data, fsdp, expert), the rest replicated, when a mesh is in
     context (`jax.set_mesh`); a no-op otherwise. Applied at decoder-layer boundaries."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

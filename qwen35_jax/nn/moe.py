@@ -6,8 +6,8 @@ from flax import nnx
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.mlp import MLP
 from qwen35_jax.nn.params import param
-from qwen35_jax.ops.moe import (expert_parallel_mesh, moe_experts, moe_experts_parallel, route, router_logits,
-                                router_stats)
+from qwen35_jax.ops.expert_parallel import expert_parallel_mesh, moe_experts_parallel
+from qwen35_jax.ops.moe import moe_experts, route, router_logits, router_stats
 
 
 class SparseMoe(nnx.Module):
@@ -36,7 +36,7 @@ class SparseMoe(nnx.Module):
         if mesh is None:
             routed = moe_experts(tokens, weights, ids, w1, w2, backend)
         else:
-            routed = moe_experts_parallel(tokens, weights, ids, w1, w2, mesh, backend)
+            routed = moe_experts_parallel(tokens, weights, ids, w1, w2, mesh, backend, batch=x.shape[0])
         shared = self.shared_expert(tokens) * jax.nn.sigmoid(tokens @ self.shared_expert_gate[...])
         out = (routed + shared).reshape(x.shape)
         if token_mask is None:

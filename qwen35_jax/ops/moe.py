@@ -64,8 +64,35 @@ def grouped_swiglu_ragged(x_sorted, group_sizes, w_gate_up, w_down):
 MOE_BACKENDS = ("auto", "ragged", "blocked")  # auto: blocked on CPU, ragged_dot elsewhere
 
 
+def target_platform() -> str:
+    """The platform being compiled for: the mesh in context's (which may be a TPU slice compiled ahead of time
+    on a CPU host), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def default_backend() -> str:
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return "blocked" if target_platform() == "cpu" else "ragged"
+
+
+def expert_ffn_rows(rows, row_ids, w_gate_up, w_down, backend: str = "auto"):
+    """Each row through its own expert's SwiGLU FFN. rows: [N, H]; row_ids: int [N] in [0, E], where E means
+    "no expert here" (padding, or an expert on another device): never computed, output 0.
+    w_gate_up: [E, H, 2, I]; w_down: [E, I, H]. Returns [N, H] in the rows' dtype."""
+    num_experts = w_gate_up.shape[0]
+    backend = default_backend() if backend == "auto" else backend
+    order = jnp.argsort(row_ids, stable=True)
+    group_sizes = jnp.bincount(row_ids, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    grouped = grouped_swiglu_ragged if backend == "ragged" else grouped_swiglu_blocked
+    y_sorted = grouped(rows[order], group_sizes, w_gate_up, w_down)
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    return jnp.where((row_ids < num_experts)[:, None], y, 0)
+
+
+def combine(y, weights, dtype):
+    """y: [tokens, top_k, H] expert outputs; weights: [tokens, top_k] -> [tokens, H] in `dtype`, the k
+    products summed in float32."""
+    return jnp.einsum("tkh,tk->th", y, weights, preferred_element_type=jnp.float32).astype(dtype)
 
 
 def moe_experts(x, weights, ids, w_gate_up, w_down, backend: str = "auto"):
@@ -76,55 +103,6 @@ def moe_experts(x, weights, ids, w_gate_up, w_down, backend: str = "auto"):
     computed and contributes nothing. Returns [tokens, H] in x's dtype (the k products summed in float32).
     """
     tokens, top_k = ids.shape
-    num_experts = w_gate_up.shape[0]
-    backend = default_backend() if backend == "auto" else backend
-    flat_ids = ids.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)
-    x_sorted = x[order // top_k]
-    group_sizes = jnp.bincount(flat_ids, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    if backend == "ragged":
-        y_sorted = grouped_swiglu_ragged(x_sorted, group_sizes, w_gate_up, w_down)
-    else:
-        y_sorted = grouped_swiglu_blocked(x_sorted, group_sizes, w_gate_up, w_down)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(tokens, top_k, -1)
-    y = jnp.where((ids < num_experts)[..., None], y, 0)
-    return jnp.einsum("tkh,tk->th", y, weights, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def moe_experts_parallel(x, weights, ids, w_gate_up, w_down, mesh, backend: str = "auto"):
-    """`moe_experts` with experts on the mesh's `expert` axis and the intermediate dim on `tensor`.
-
-    Under `shard_map`, each device routes its tokens to its own experts only (others map to the "not here"
-    id), runs its slice of the intermediate dim, and the partial sums are reduced over expert x tensor:
-    no device ever holds all experts. Tokens stay split over `data`/`fsdp` when those divide them.
-    """
-    from jax.sharding import PartitionSpec as P
-    sizes = dict(mesh.shape)
-    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
-    split = 1
-    for a in batch_axes:
-        split *= sizes[a]
-    tok = P(batch_axes) if batch_axes and x.shape[0] % split == 0 else P()
-
-    def local(x, weights, ids, w1, w2):
-        n_local = w1.shape[0]
-        local_ids = ids - jax.lax.axis_index("expert") * n_local
-        local_ids = jnp.where((local_ids >= 0) & (local_ids < n_local), local_ids, n_local)
-        partial = moe_experts(x, weights, local_ids, w1, w2, backend)
-        return jax.lax.psum(partial.astype(jnp.float32), ("expert", "tensor")).astype(x.dtype)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, P("expert", None, None, "tensor"),
-                                                    P("expert", "tensor", None)),
-                         out_specs=tok, check_vma=False)(x, weights, ids, w_gate_up, w_down)
-
-
-def expert_parallel_mesh(num_experts: int, intermediate: int):
-    """The mesh in context (`jax.set_mesh`) when it has expert/tensor axes dividing the experts and the
-    intermediate dim, else None (then the MoE runs unsharded, or under plain GSPMD)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not {"expert", "tensor"} <= set(mesh.axis_names):
-        return None
-    e, t = mesh.shape["expert"], mesh.shape["tensor"]
-    if e * t == 1 or num_experts % e or intermediate % t:
-        return None
-    return mesh
+    rows = jnp.repeat(x, top_k, axis=0)  # row t*k + j: token t for its j-th expert
+    y = expert_ffn_rows(rows, ids.reshape(-1), w_gate_up, w_down, backend)
+    return combine(y.reshape(tokens, top_k, -1), weights, x.dtype)
