@@ -70,6 +70,7 @@ class TrainConfig:
     router_aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
     router_z_loss_coef: float = 0.0
     frozen: list = dataclasses.field(default_factory=list)  # regexes over HF names: model.layers.3.mlp.gate.weight
+    lora: dict | None = None                 # {rank, alpha, targets: [regexes over the same names]}: train.lora
     # numerics and memory
     param_dtype: str = "float32"             # master weights
     compute_dtype: str = "float32"           # matrices cast to this for the forward/backward
@@ -180,7 +181,35 @@ def _check(c: TrainConfig) -> None:
         if getattr(c, key) <= 0:
             raise TrainConfigError(f"config key {key!r}: expected a positive integer, got {getattr(c, key)}",
                                    key=key)
+    if c.lora is not None:
+        _check_lora(c)
     if c.batch_size % c.grad_accum:
         raise TrainConfigError(f"batch_size={c.batch_size} is not a multiple of grad_accum={c.grad_accum}")
     if c.seq_len < 2:
         raise TrainConfigError(f"seq_len={c.seq_len}: need at least 2 tokens per row", key="seq_len")
+
+
+LORA_KEYS = ("rank", "alpha", "targets")
+
+
+def _check_lora(c: TrainConfig) -> None:
+    """lora: {rank: positive int, alpha: positive number, targets: non-empty list of regexes}; not with frozen
+    (with LoRA the whole base model is frozen)."""
+    lora = c.lora
+
+    def fail(message):
+        raise TrainConfigError(f"config key 'lora': {message} (expected {{rank: 16, alpha: 32, targets: "
+                               "[regex, ...]}})", key="lora")
+    unknown, missing = sorted(set(lora) - set(LORA_KEYS)), [k for k in LORA_KEYS if k not in lora]
+    if unknown or missing:
+        fail(f"unknown key(s) {unknown}" if unknown else f"missing {missing}")
+    if isinstance(lora["rank"], bool) or not isinstance(lora["rank"], int) or lora["rank"] <= 0:
+        fail(f"rank={lora['rank']!r} is not a positive integer")
+    if isinstance(lora["alpha"], bool) or not isinstance(lora["alpha"], (int, float)) or lora["alpha"] <= 0:
+        fail(f"alpha={lora['alpha']!r} is not a positive number")
+    targets = lora["targets"]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        fail(f"targets={targets!r} is not a non-empty list of regular expressions")
+    if c.frozen:
+        raise TrainConfigError("config keys 'frozen' and 'lora': with lora the whole base model is frozen; drop "
+                               "frozen", key="frozen")

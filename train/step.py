@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from qwen35_jax.loading import resolve_dtype
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import logical_spec, variable_sharding
+from train.lora import LoraSpec, adapter_variables, merged_params
 from train.loss import cross_entropy_sum, load_balancing_loss, router_z_loss
 from train.optim import (freeze, frozen_mask, is_variable, learning_rate_schedule, make_optimizer, matrix_mask,
                          plain_values)
@@ -23,32 +24,49 @@ class Trainer:
     """Training for one model + config: `state = trainer.init_state()`, then
     `state, metrics = trainer.train_step(state, trainer.put_batch(batch))`.
 
-    The state is a dict {"params": float32 (param_dtype) arrays as nnx State, "opt_state": optax state,
-    "step": int32 scalar, "rng": uint32 key data}. A batch is a dict of [batch_size, seq_len] arrays
-    (`train.data`): input_ids, positions, segment_ids (0 = padding), targets, loss_mask.
+    The state is a dict {"params": the trained arrays as nnx State, "opt_state": optax state, "step": int32
+    scalar, "rng": uint32 key data}. A batch is a dict of [batch_size, seq_len] arrays (`train.data`): input_ids,
+    positions, segment_ids (0 = padding), targets, loss_mask.
+
+    Full fine-tuning trains the model's parameters (param_dtype master weights). With `tc.lora` (`train.lora`)
+    the state's params are the float32 adapters only (what the optimizer sees and checkpoints hold); the frozen
+    base (param_dtype, placed by the rules) stays in the trainer (`self.base`) and is passed to the jitted step
+    as an argument, merged with the adapters in the cast.
     """
 
     def __init__(self, model: Qwen35, tc, mesh: jax.sharding.Mesh | None = None):
         self.config, self.tc, self.mesh = model.config, tc, mesh
         self.graphdef, variables = nnx.split(model)
+        self.lora = None if tc.lora is None else LoraSpec.from_config(self.config, tc.lora)
+        trained = variables if self.lora is None else adapter_variables(self.lora, tc.seed, abstract=True)
         self.frozen = frozen_mask(self.config, plain_values(variables), tc.frozen)
-        self.tx = make_optimizer(tc, variables, self.frozen)
+        self.tx = make_optimizer(tc, trained, self.frozen if self.lora is None else None)
         self.schedule = learning_rate_schedule(tc)
         self.compute_dtype = resolve_dtype(tc.compute_dtype)
         self.cast_mask = matrix_mask(variables)
         coef = tc.router_aux_loss_coef
         self.aux_coef = self.config.router_aux_loss_coef if coef is None else coef
-        self._params = plain_values(variables)
-        if mesh is None:
-            self.param_shardings = None
+        shardings = lambda tree: None if mesh is None else jax.tree.map(  # noqa: E731
+            lambda v: variable_sharding(v, mesh), tree, is_leaf=is_variable)
+        self.param_shardings = shardings(trained)
+        self._abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype),
+                                             trained, is_leaf=is_variable)
+        if self.lora is None:
+            self._params, self.base, self.base_shardings = plain_values(variables), None, None
         else:
-            self.param_shardings = jax.tree.map(lambda v: variable_sharding(v, mesh), variables, is_leaf=is_variable)
+            self.base_shardings = shardings(variables)
+            self.base = plain_values(variables)
+            if mesh is not None and not isinstance(jax.tree.leaves(self.base)[0], jax.ShapeDtypeStruct):
+                self.base = jax.device_put(self.base, self.base_shardings)
+            self._params = None  # the adapters are made by init_state, straight into their shardings
         self._train_step = self._eval_step = None
 
     # ----- state -----
     def init_state(self, params=None) -> dict:
         """A fresh state (step 0) from `params` (default: a copy of the model's parameters, so the model passed
         in stays usable: training steps donate the state's buffers), placed by the rules."""
+        if params is None and self.lora is not None:
+            params = self._init_adapters()
         params = jax.tree.map(jnp.copy, self._params) if params is None else params
         if self.mesh is not None:
             params = jax.device_put(params, self.param_shardings)
@@ -64,7 +82,7 @@ class Trainer:
     def abstract_state(self) -> dict:
         """The state `init_state` builds, as ShapeDtypeStructs with the same shardings and nothing allocated:
         what ahead-of-time compilation of the train step needs (`lower_train_step`, the dry-run)."""
-        params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), self._params)
+        params = self._abstract_params
         if self.mesh is not None:
             params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params,
                                   self.param_shardings)
@@ -101,16 +119,34 @@ class Trainer:
         """The jitted train step lowered for `state` and `batch` (concrete or abstract: `abstract_state`,
         `abstract_batch`); `.compile()` gives what `train_step` runs, with its memory and cost analyses."""
         with self._mesh_context():
-            return self._jitted_train_step(state).lower(state, batch)
+            return self._jitted_train_step(state).lower(state, batch, self._abstract(self.base, self.base_shardings))
+
+    def _abstract(self, tree, shardings):
+        if tree is None:
+            return None
+        if shardings is None:
+            return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), tree)
+        return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), tree, shardings)
+
+    def _init_adapters(self):
+        """Fresh adapters (B = 0), made by one jitted function straight into their shardings."""
+        make = lambda: plain_values(adapter_variables(self.lora, self.tc.seed))  # noqa: E731
+        return jax.jit(make, out_shardings=self.param_shardings)()
 
     def release_params(self):
         """The model's own parameter arrays, forgotten by the trainer: `init_state(trainer.release_params())`
-        trains them in place (donated) instead of keeping a copy (what the fine-tuning run does)."""
+        trains them in place (donated) instead of keeping a copy (what the fine-tuning run does). With LoRA: fresh
+        adapters (the base stays in the trainer)."""
+        if self.lora is not None:
+            return self._init_adapters()
         params, self._params = self._params, None
         return params
 
     def model(self, params) -> Qwen35:
-        """The nnx model holding `params` (e.g. the trained ones, for generation)."""
+        """The nnx model holding `params` (e.g. the trained ones, for generation); with LoRA, the base model
+        with the adapters `params` merged in (param_dtype)."""
+        if self.lora is not None:
+            params = merged_params(self.lora, self.base, params)
         return nnx.merge(self.graphdef, params)
 
     # ----- batches -----
@@ -133,16 +169,23 @@ class Trainer:
         return out
 
     # ----- loss -----
-    def _cast(self, params):
+    def _cast(self, params, base=None):
         """Matrices to the compute dtype (master copies stay in params); norms and 1-D params stay float32.
-        Frozen parameters and slices are constants to the gradient (zero gradients, not part of the grad norm)."""
+        Frozen parameters and slices are constants to the gradient (zero gradients, not part of the grad norm).
+        With LoRA, `params` are the adapters, merged into `base` here (`train.lora.merged_params`)."""
+        if self.lora is not None:
+            matrices = {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p): m
+                        for p, m in jax.tree_util.tree_flatten_with_path(self.cast_mask)[0]}
+            return merged_params(self.lora, base, params,
+                                 lambda path, p: self.compute_dtype if matrices[path] else p.dtype)
         params = freeze(params, self.frozen)
         return jax.tree.map(lambda p, m: p.astype(self.compute_dtype) if m else p, params, self.cast_mask)
 
-    def loss_terms(self, params, batch: dict, n_counted) -> tuple[jax.Array, dict]:
+    def loss_terms(self, params, batch: dict, n_counted, base=None) -> tuple[jax.Array, dict]:
         """(objective, metrics) of one (micro-)batch; the cross-entropy term is summed and divided by
-        n_counted (all counted tokens of the optimizer step), so micro-batch objectives add up exactly."""
-        model = nnx.merge(self.graphdef, self._cast(params))
+        n_counted (all counted tokens of the optimizer step), so micro-batch objectives add up exactly.
+        base: the frozen base parameters (LoRA only)."""
+        model = nnx.merge(self.graphdef, self._cast(params, base))
         hidden, stats = model.train_hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
                                                   router_stats=self.config.is_moe, remat=self.tc.remat,
                                                   moe_backend=self.tc.moe_backend)
@@ -156,9 +199,9 @@ class Trainer:
                                      metrics["z_loss"]) / self.tc.grad_accum
         return objective, metrics
 
-    def grads(self, params, batch: dict) -> tuple[dict, dict]:
-        """Gradients of the step objective (mean cross-entropy + router losses), accumulated over
-        tc.grad_accum micro-batches. Returns (grads, metrics)."""
+    def grads(self, params, batch: dict, base=None) -> tuple[dict, dict]:
+        """Gradients of the step objective (mean cross-entropy + router losses) w.r.t. `params`, accumulated over
+        tc.grad_accum micro-batches (base: the frozen base, LoRA only). Returns (grads, metrics)."""
         accum = self.tc.grad_accum
         n_counted = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
@@ -166,10 +209,10 @@ class Trainer:
 
         def body(carry, mb):
             grads, sums = carry
-            g, metrics = grad_fn(params, mb, n_counted)
+            g, metrics = grad_fn(params, mb, n_counted, base)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, metrics)), None
 
-        zero_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), n_counted)[1])
+        zero_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), n_counted, base)[1])
         init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
         if accum == 1:
             (grads, sums), _ = body(init, jax.tree.map(lambda x: x[0], micro))
@@ -180,8 +223,8 @@ class Trainer:
         return grads, metrics
 
     # ----- steps -----
-    def _step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        grads, metrics = self.grads(state["params"], batch)
+    def _step(self, state: dict, batch: dict, base=None) -> tuple[dict, dict]:
+        grads, metrics = self.grads(state["params"], batch, base)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -196,7 +239,7 @@ class Trainer:
         """One optimizer step (jitted, the state donated). A non-finite loss or gradient leaves the state
         unchanged (the caller stops the run: metrics["loss"] is not finite)."""
         with self._mesh_context():
-            return self._jitted_train_step(state)(state, batch)
+            return self._jitted_train_step(state)(state, batch, self.base)
 
     def _jitted_train_step(self, state: dict):
         if self._train_step is None:
@@ -207,14 +250,14 @@ class Trainer:
 
     def eval_step(self, params, batch: dict) -> dict:
         """{"ce_sum", "tokens"} of a batch (no gradients)."""
-        def run(params, batch):
+        def run(params, batch, base):
             n = jnp.sum(batch["loss_mask"])
-            _, metrics = self.loss_terms(params, batch, 1.0)
+            _, metrics = self.loss_terms(params, batch, 1.0, base)
             return {"ce_sum": metrics["ce_sum"], "tokens": n}
         if self._eval_step is None:
             self._eval_step = jax.jit(run)
         with self._mesh_context():
-            return self._eval_step(params, batch)
+            return self._eval_step(params, batch, self.base)
 
     def _mesh_context(self):
         import contextlib
