@@ -1,6 +1,8 @@
 """`python -m train.finetune --config RECIPE.yaml|NAME [key=value ...] [--resume]`: fine-tune (or train
 from a preset's random init) with AdamW, logging to the console and a JSON-lines file, evaluating on held-out
-data, checkpointing with Orbax, and saving the final weights as a model checkpoint (optionally exported to HF)."""
+data, checkpointing with Orbax, and saving the final weights as a model checkpoint (optionally exported to HF). With
+`lora`, checkpoints hold the adapters and their optimizer state only; the run ends with the merged model in
+`output_dir/final` and the adapter alone, in PEFT's layout, in `output_dir/adapter`."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from qwen35_jax.tokenizer import Tokenizer
 from train.checkpoint import RunCheckpoints
 from train.config import TrainConfig, TrainConfigError, recipe_names
 from train.data import PackedDataset, load_dataset
+from train.lora import export_peft
 from train.plot import write_loss_plot
 from train.step import Trainer
 
@@ -152,7 +155,10 @@ def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after
     if end < tc.steps:
         summary.pop("params")
         return summary
-    final = save_model(trainer.model(summary.pop("params")), out / "final", assets_from=tokenizer_folder(tc))
+    params = summary.pop("params")
+    if trainer.lora is not None:  # the adapter alone, in PEFT's layout, beside the merged model
+        summary["adapter"] = str(export_peft(trainer.lora, params, out / "adapter", base_model=tc.model))
+    final = save_model(trainer.model(params), out / "final", assets_from=tokenizer_folder(tc))
     summary["final"] = str(final)
     if tc.export_hf:
         summary["export_hf"] = str(export_to_hf(final, tc.export_hf, progress=progress, overwrite=True))

@@ -124,8 +124,9 @@ def is_variable(x) -> bool:
 
 
 def plain_values(variables):
-    """nnx State of Variables -> the same State holding the bare arrays (what jit and optax see)."""
-    return jax.tree.map(lambda v: v.get_value(), variables, is_leaf=is_variable)
+    """nnx State of Variables -> the same State holding the bare arrays (what jit and optax see); bare arrays
+    pass through."""
+    return jax.tree.map(lambda v: v.get_value() if is_variable(v) else v, variables, is_leaf=is_variable)
 
 
 def _layer_ndim(variable) -> int:
