@@ -1,9 +1,11 @@
-"""Writes benchmarks/dryrun_table.md: per-device memory of every MoE preset on real accelerator slices.
+"""Writes benchmarks/dryrun_table.md: does each job fit, and how good is its step, on real slices.
 
-    python -m benchmarks.dryrun_table [--out benchmarks/dryrun_table.md] [--models 397b]
+    python -m benchmarks.dryrun_table [--out benchmarks/dryrun_table.md] [--rows 397b] [--no-tpu]
 
-Each row runs `python -m qwen35_jax.dryrun` in a fresh process (its own fake-device count): decode (batch 64,
-32K context) and train (global batch 256 x 4096, remat full, AdamW in float32), compiled on this CPU.
+Each row runs `python -m qwen35_jax.dryrun` in fresh processes: once on fake CPU devices (XLA:CPU's memory
+analysis: an estimate) and, where libtpu is installed (Python 3.12+: `pip install 'qwen35-jax[tpu]'`), once
+compiled for the real TPU slice (the TPU compiler's own figures). Train rows compile `train.step.Trainer`'s step
+(bf16 compute, float32 master weights + AdamW, remat full, chunked loss); decode rows the engine's decode step.
 """
 
 from __future__ import annotations
@@ -14,22 +16,31 @@ import subprocess
 import sys
 from pathlib import Path
 
-SLICES = [  # name, chips, HBM per chip, {mode: mesh}: decode favours expert x tensor, training data parallelism
-    ("TPU v5p-64", 64, "95GiB", {"decode": "expert=16,tensor=4", "train": "fsdp=16,expert=4"}),
-    ("TPU v5p-256", 256, "95GiB", {"decode": "data=4,expert=16,tensor=4", "train": "fsdp=64,expert=4"}),
-    ("TPU v5e-256", 256, "16GiB", {"decode": "data=4,expert=16,tensor=4", "train": "fsdp=64,expert=4"}),
-    ("8x H200", 8, "141GiB", {"decode": "expert=4,tensor=2", "train": "fsdp=2,expert=4"}),
+# (model, job, slice name (v5p names count TensorCores: v5p-64 = 32 chips), chips, chip, HBM, mesh, mode, batch,
+#  seq, extra dry-run arguments)
+ROWS = [
+    ("qwen3.5-35b-a3b", "full FT", "v5p-64", 32, "v5p", "95GiB", "fsdp=8,expert=4", "train", 128, 4096, []),
+    ("qwen3.5-122b-a10b", "full FT", "v5p-256", 128, "v5p", "95GiB", "fsdp=32,expert=4", "train", 128, 4096, []),
+    ("qwen3.5-397b-a17b", "full FT", "v5p-256", 128, "v5p", "95GiB", "fsdp=32,expert=4", "train", 128, 4096, []),
+    ("qwen3.5-35b-a3b", "LoRA r16", "1x H200", 1, "h200", "141GiB", "fsdp=1", "train", 8, 4096, ["lora=LORA"]),
+    ("qwen3.5-397b-a17b", "LoRA r16", "8x H200", 8, "h200", "141GiB", "fsdp=2,expert=4", "train", 8, 4096,
+     ["lora=LORA"]),
+    ("qwen3.5-397b-a17b", "decode 32K", "v5p-64", 32, "v5p", "95GiB", "expert=16,tensor=2", "decode", 64, 32768, []),
 ]
-MODELS = ["qwen3.5-35b-a3b", "qwen3.5-122b-a10b", "qwen3.5-397b-a17b"]
-MODES = [("decode", 64, 32768), ("train", 256, 4096)]
+LORA = ('{rank: 16, alpha: 32, targets: ["self_attn\\\\.(q|k|v|o)_proj", "linear_attn\\\\.(in_proj_qkv|in_proj_z|'
+        'in_proj_b|in_proj_a|out_proj)", "shared_expert\\\\.", "mlp\\\\.experts"]}')
 
 
-def dryrun(model, chips, hbm, mesh, mode, batch, seq) -> dict:
-    out = subprocess.run([sys.executable, "-m", "qwen35_jax.dryrun", "--model", model, "--devices", str(chips),
-                          "--mesh", mesh, "--mode", mode, "--batch", str(batch), "--seq", str(seq), "--hbm", hbm,
-                          "--json"], capture_output=True, text=True)
+def dryrun(row, tpu: bool) -> dict:
+    model, _, slice_name, chips, chip, hbm, mesh, mode, batch, seq, extra = row
+    where = ["--topology", slice_name] if tpu else ["--devices", str(chips)]
+    extra = [e.replace("LORA", LORA) for e in extra]
+    cmd = [sys.executable, "-m", "qwen35_jax.dryrun", "--model", model, *where, "--mesh", mesh, "--mode", mode,
+           "--batch", str(batch), "--seq", str(seq), "--hbm", hbm, "--chip", chip, "--json", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+        lines = out.stderr.strip().splitlines()
+        return {"error": lines[-1][:300] if lines else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -37,34 +48,53 @@ def gib(n) -> str:
     return f"{n / 2**30:.1f}"
 
 
+def cells(r: dict | None) -> list[str]:
+    if r is None:
+        return ["n/a"] * 6
+    if "error" in r:
+        return [f"error: {r['error']}"] + [""] * 5
+    state = r.get("optimizer_state_bytes_per_device", r.get("decode_state_bytes_per_device", 0))
+    params = r["params_bytes_per_device"] + r.get("frozen_params_bytes_per_device", 0)
+    return [gib(params), gib(state), gib(r["temp_bytes_per_device"]), gib(r["total_bytes_per_device"]),
+            "yes" if r["fits"] else "**no**", f"{r['compile_seconds']:.0f}"]
+
+
+def row_line(row, cpu: dict, tpu: dict | None) -> str:
+    model, job, slice_name, chips, chip, hbm, mesh, mode, batch, seq, _ = row
+    best = tpu if tpu and "error" not in tpu else cpu
+    flops = ratio = step = mfu = ""
+    if "error" not in best:
+        per_device = best["flops_per_device"]
+        flops = f"{per_device:.2e}"
+        ratio = f"{per_device * chips / best['model_flops']:.2f}"
+        step = f"{best['estimated_step_s'] * 1e3:.0f}"
+        mfu = f"{100 * best['estimated_mfu']:.0f}%" if mode == "train" else ""
+    return " | ".join([f"| {model}", job, f"{slice_name} ({chips} chips)", mesh, f"{batch} x {seq}", hbm,
+                       *cells(cpu), *cells(tpu), flops, ratio, step, mfu]) + " |"
+
+
+HEADER = ["| model | job | slice | mesh | batch | HBM/chip | CPU: params GiB | CPU: opt/state GiB | CPU: temp GiB "
+          "| CPU: total GiB | CPU: fits | CPU: compile s | TPU: params GiB | TPU: opt/state GiB | TPU: temp GiB | "
+          "TPU: total GiB | TPU: fits | TPU: compile s | FLOPs/device | x chips / model FLOPs | est. step ms | "
+          "est. MFU |", "|" + "---|" * 22]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).with_name("dryrun_table.md")))
-    parser.add_argument("--models", default=",".join(m.split("-", 1)[1] for m in MODELS),
-                        help="comma-separated suffixes, e.g. 397b-a17b")
+    parser.add_argument("--rows", default="", help="only rows whose model name contains this")
+    parser.add_argument("--no-tpu", action="store_true", help="skip the TPU-topology compiles")
     args = parser.parse_args(argv)
-    models = [m for m in MODELS if m.split("-", 1)[1] in args.models.split(",")]
-    lines = ["# Dry-run table", "",
-             "Per-device bytes from `python -m qwen35_jax.dryrun` (fake CPU devices, abstract arrays, XLA memory "
-             "analysis of the compiled step; MoE compiled with the blocked grouped matmul). Decode: batch 64, 32K "
-             "context, bf16 weights. Train: global batch 256 x 4096, float32 weights + AdamW, remat full. "
-             "Regenerate with `python -m benchmarks.dryrun_table`.", "",
-             "| model | slice | mesh | mode | params GiB | opt/state GiB | temp GiB | total GiB | HBM | fits | "
-             "compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for model in models:
-        for name, chips, hbm, meshes in SLICES:
-            for mode, batch, seq in MODES:
-                mesh = meshes[mode]
-                r = dryrun(model, chips, hbm, mesh, mode, batch, seq)
-                if "error" in r:
-                    row = f"| {model} | {name} | {mesh} | {mode} | error: {r['error']} |||||||"
-                else:
-                    extra = r.get("optimizer_state_bytes_per_device", r.get("decode_state_bytes_per_device", 0))
-                    row = (f"| {model} | {name} | {mesh} | {mode} | {gib(r['params_bytes_per_device'])} | "
-                           f"{gib(extra)} | {gib(r['temp_bytes_per_device'])} | {gib(r['total_bytes_per_device'])} | "
-                           f"{hbm} | {'yes' if r['fits'] else 'no'} | {r['compile_seconds']:.0f} |")
-                print(row, flush=True)
-                lines.append(row)
+    from qwen35_jax.topology import has_libtpu
+    tpu_ok = has_libtpu() and not args.no_tpu
+    lines = list(HEADER)
+    for row in ROWS:
+        if args.rows not in row[0]:
+            continue
+        tpu = dryrun(row, tpu=True) if tpu_ok and row[2].startswith("v5") else None
+        cpu = dryrun(row, tpu=False)
+        lines.append(row_line(row, cpu, tpu))
+        print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 
