@@ -114,13 +114,16 @@ def run(args) -> dict:
     backend = args.moe_backend or "auto"  # auto: ragged_dot on a TPU/GPU mesh, blocked on CPU
     start = time.perf_counter()
     if args.mode == "train":
-        recipe = {} if args.config else dict(DEFAULT_RECIPE)
-        tc = TrainConfig.load(args.config, args.overrides) if args.config else TrainConfig.from_dict(
-            {**recipe, **dict(_override(o) for o in args.overrides)}, where="command line")
+        if args.config or not args.recipe_defaults:
+            tc = TrainConfig.load(args.config, args.overrides)
+        else:
+            tc = TrainConfig.from_dict({**DEFAULT_RECIPE, **dict(_override(o) for o in args.overrides)},
+                                       where="command line")
         flags = {"model": args.model, "batch_size": args.batch, "seq_len": args.seq, "remat": args.remat,
                  "compute_dtype": args.compute_dtype, "grad_accum": args.grad_accum, "mesh": args.mesh,
                  "moe_backend": backend}
         tc = dataclasses.replace(tc, **{k: v for k, v in flags.items() if v is not None})
+        args.model = tc.model
         check_mesh(ModelConfig.from_hf(tc.model, **tc.model_overrides), sizes, tc.batch_size)
         compiled, parts, cfg = compile_train(tc, mesh)
         batch, seq = tc.batch_size, tc.seq_len
@@ -234,7 +237,14 @@ def print_report(report: dict) -> None:
 
 @command
 def main(argv=None) -> int:
+    return dry_run(argv)
+
+
+def dry_run(argv, use_recipe_defaults: bool = True) -> int:
+    """The command line's work. use_recipe_defaults: without --config, train mode starts from DEFAULT_RECIPE
+    (False: from TrainConfig's own defaults, as `train.finetune --dry-run` does)."""
     args = build_parser().parse_intermixed_args(argv)
+    args.recipe_defaults = use_recipe_defaults
     import jax
     if args.devices:
         try:

@@ -221,11 +221,38 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides (values parsed as YAML), anywhere on the command line")
+    dry = parser.add_argument_group("dry run (compile this run's train step for a mesh; nothing allocated, nothing "
+                                    "trained: python -m qwen35_jax.dryrun --mode train --config ...)")
+    dry.add_argument("--dry-run", action="store_true", help="report the step's memory, FLOPs and collectives")
+    dry.add_argument("--devices", type=int, help="fake CPU devices")
+    dry.add_argument("--topology", help="a TPU slice to compile for, e.g. v5p-256 (needs libtpu)")
+    dry.add_argument("--mesh", help="default: the config's mesh")
+    dry.add_argument("--chip", help="estimate step time and MFU for this chip (v5p, v5e, v6e, h100, h200)")
+    dry.add_argument("--hbm", help="memory per device, e.g. 95GiB")
+    dry.add_argument("--json", action="store_true", help="end with one JSON line of the report")
     args = parser.parse_intermixed_args(argv)
     tc = TrainConfig.load(args.config, args.overrides)
+    if args.dry_run:
+        return _dry_run(args, tc)
+    if any(getattr(args, k) for k in ("devices", "topology", "mesh", "chip", "hbm", "json")):
+        raise TrainConfigError("--devices/--topology/--mesh/--chip/--hbm/--json apply to --dry-run only (set the "
+                               "training mesh with mesh=SPEC)")
     summary = run(tc, resume=args.resume, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, np.ndarray)}))
     return 0
+
+
+def _dry_run(args, tc: TrainConfig) -> int:
+    """Hands the run's exact TrainConfig to the dry-run (train/dryrun.py)."""
+    from train import dryrun
+    mesh = args.mesh or tc.mesh
+    if not mesh:
+        raise TrainConfigError("--dry-run needs a mesh: --mesh SPEC or mesh= in the config")
+    argv = ["--mode", "train", "--mesh", mesh, *(["--config", args.config] if args.config else [])]
+    for flag in ("devices", "topology", "chip", "hbm"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return dryrun.dry_run(argv + (["--json"] if args.json else []) + list(args.overrides), use_recipe_defaults=False)
 
 
 if __name__ == "__main__":
