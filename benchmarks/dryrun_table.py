@@ -19,16 +19,16 @@ from pathlib import Path
 # (model, job, slice name (v5p names count TensorCores: v5p-64 = 32 chips), chips, chip, HBM, mesh, mode, batch,
 #  seq, extra dry-run arguments)
 ROWS = [
-    ("qwen3.5-35b-a3b", "full FT", "v5p-64", 32, "v5p", "95GiB", "fsdp=8,expert=4", "train", 128, 4096, []),
-    ("qwen3.5-122b-a10b", "full FT", "v5p-256", 128, "v5p", "95GiB", "fsdp=32,expert=4", "train", 128, 4096, []),
     ("qwen3.5-397b-a17b", "full FT", "v5p-256", 128, "v5p", "95GiB", "fsdp=32,expert=4", "train", 128, 4096, []),
-    ("qwen3.5-35b-a3b", "LoRA r16", "1x H200", 1, "h200", "141GiB", "fsdp=1", "train", 8, 4096, ["lora=LORA"]),
-    ("qwen3.5-397b-a17b", "LoRA r16", "8x H200", 8, "h200", "141GiB", "fsdp=2,expert=4", "train", 8, 4096,
-     ["lora=LORA"]),
     ("qwen3.5-397b-a17b", "decode 32K", "v5p-64", 32, "v5p", "95GiB", "expert=16,tensor=2", "decode", 64, 32768, []),
+    ("qwen3.5-397b-a17b", "LoRA r16", "8x H200", 8, "h200", "141GiB", "fsdp=2,expert=4", "train", 8, 4096,
+     ["lora=LORA", "param_dtype=bfloat16"]),
+    ("qwen3.5-35b-a3b", "LoRA r16", "1x H200", 1, "h200", "141GiB", "fsdp=1", "train", 8, 4096,
+     ["lora=LORA", "param_dtype=bfloat16"]),
+    ("qwen3.5-122b-a10b", "full FT", "v5p-256", 128, "v5p", "95GiB", "fsdp=32,expert=4", "train", 128, 4096, []),
+    ("qwen3.5-35b-a3b", "full FT", "v5p-64", 32, "v5p", "95GiB", "fsdp=8,expert=4", "train", 128, 4096, []),
 ]
-LORA = ('{rank: 16, alpha: 32, targets: ["self_attn\\\\.(q|k|v|o)_proj", "linear_attn\\\\.(in_proj_qkv|in_proj_z|'
-        'in_proj_b|in_proj_a|out_proj)", "shared_expert\\\\.", "mlp\\\\.experts"]}')
+LORA = '{rank: 16, alpha: 32, targets: [self_attn, linear_attn, shared_expert, mlp.experts]}'  # all LoRA targets
 
 
 def dryrun(row, tpu: bool) -> dict:

@@ -217,7 +217,29 @@ def _conv_flops(inst: Instruction, comp: dict[str, Instruction]) -> int:
     kernel_labels = labels.partition("_")[2].partition("->")[0]
     if "o" not in kernel_labels or len(kernel) != len(kernel_labels) or not result:
         return 0
-    return 2 * math.prod(result[0][1]) * math.prod(kernel) // kernel[kernel_labels.index("o")]
+    flops = 2 * math.prod(result[0][1]) * math.prod(kernel) // kernel[kernel_labels.index("o")]
+    return flops * _dilated_taps(inst) // max(1, _window_taps(inst))
+
+
+def _window(inst: Instruction, key: str) -> list[int]:
+    """A `window={size=2x4x4 ... lhs_dilate=2x4x4}` field as a list of ints ([] when absent)."""
+    import re
+    match = re.search(rf"\b{key}=([0-9x]+)", inst.attributes)
+    return [int(v) for v in match.group(1).split("x")] if match else []
+
+
+def _window_taps(inst: Instruction) -> int:
+    return math.prod(_window(inst, "size")) or 1
+
+
+def _dilated_taps(inst: Instruction) -> int:
+    """Window taps that can meet a real input: with `lhs_dilate=d` (TPU writes batched matmuls as such
+    base-dilated convolutions) only ceil(size / d) of each dim's taps land on a non-inserted element."""
+    sizes, dilation = _window(inst, "size"), _window(inst, "lhs_dilate")
+    if not sizes:
+        return 1
+    dilation = dilation or [1] * len(sizes)
+    return math.prod(-(-s // d) for s, d in zip(sizes, dilation))
 
 
 def _custom_call_flops(inst: Instruction, comp: dict[str, Instruction]) -> int:

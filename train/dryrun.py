@@ -82,9 +82,8 @@ def compile_train(tc, mesh):
     state = trainer.abstract_state()
     lowered = trainer.lower_train_step(state, trainer.abstract_batch(tc.batch_size, tc.seq_len))
     parts = {"params": state["params"], "optimizer_state": state["opt_state"]}
-    frozen = getattr(trainer, "abstract_base", None)  # LoRA: the frozen base weights, an argument of the step
-    if frozen is not None:
-        parts["frozen_params"] = frozen()
+    if trainer.base is not None:  # LoRA: the frozen base weights, an argument of the step
+        parts["frozen_params"] = trainer._abstract(trainer.base, trainer.base_shardings)
     return lowered.compile(), parts, cfg
 
 
