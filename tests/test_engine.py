@@ -156,3 +156,24 @@ def test_engine_on_a_mesh_matches_single_device(hf_checkpoint):
     assert {s.data.nbytes for s in experts.addressable_shards} == {experts.nbytes // 8}
     sharded = sharded_engine.generate(PROMPTS[:2], params)
     assert [r.token_ids for r in sharded] == [r.token_ids for r in single]
+
+
+def test_engine_decode_state_is_sharded_and_stays_so(hf_checkpoint):
+    """The engine's own placement: 4 rows split over expert=4 (the batch rule), heads over tensor=2; after
+    prefill and decoding the state keeps that placement, and the tokens equal the single-device engine's
+    (4 rows: the MoE dispatches tokens by all-to-all during prefill and by gather + reduce-scatter in decode)."""
+    from qwen35_jax.sharding import make_mesh
+    _, folder = hf_checkpoint("tiny-moe")
+    prompts = PROMPTS  # 4 prompts of 7, 50, 1 and 100 tokens
+    params = SamplingParams.greedy(max_new_tokens=6)
+    single = Engine.load(folder, max_len=128).generate(prompts, params)
+    engine = Engine.load(folder, max_len=128, mesh=make_mesh("expert=4,tensor=2"))
+    state = engine.init_state(4)
+    rows_per_device = lambda x: x.sharding.shard_shape(x.shape)[0]  # noqa: E731
+    k = state["layers"][3]["k"]  # [batch, max_len, kv_heads, head_dim]
+    assert rows_per_device(k) == 1 and rows_per_device(state["layers"][0]["recurrent"]) == 1
+    assert k.sharding.shard_shape(k.shape)[2] == engine.config.num_key_value_heads // 2
+    sharded = engine.generate(prompts, params)
+    assert [r.token_ids for r in sharded] == [r.token_ids for r in single]
+    final = engine.last_state
+    assert rows_per_device(final["layers"][3]["k"]) == 1 and rows_per_device(final["layers"][0]["conv_v"]) == 1
