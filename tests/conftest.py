@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")  # tests never need an accelerator; libtpu (the tpu extra) is for AOT only
 
 import json  # noqa: E402
 
