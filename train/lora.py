@@ -14,12 +14,14 @@ axis: A [E, in, r], B [E, r, out], sharded with the base weight's `experts` axis
 default kaiming-uniform(a=sqrt(5))), B = 0, so step 0 is the base model. Adapters are `nnx.LoRAParam`s, stored
 per HF layer (`layers/3/self_attn/q_proj/lora_a`), independent of `scan_layers` and of the mesh.
 
-How the adapted weights reach the model: W' = W + (alpha / r) * A @ B is computed from the adapters before the
-model runs, as a parameter transform (`merged_params`, the Trainer's cast), one jnp expression per stacked base
-array; the model code, the layer scan, the grouped expert matmul and the expert-parallel dispatch are untouched.
-Memory: one merged copy of every targeted base array (in the compute dtype) lives through the forward and
-backward, beside the frozen base (stored in `param_dtype`, bfloat16 halves it). Merging per layer inside the
-scan, so that only one period's merged weights are live at a time, is a later optimisation. With bfloat16
+How the adapted weights reach the model: W' = W + (alpha / r) * A @ B, a parameter transform. In training it runs
+per decoder period inside the layer scan (`PeriodMerge`, handed to `Decoder.__call__` as its period_transform by
+the Trainer): the adapters are stacked per period slot ([num_periods, ...], small), scanned with the stacked base,
+and each period's merged weights (in the compute dtype) exist only while that period runs (under remat they are
+recomputed in the backward pass, not saved), so memory holds the frozen base (stored in `param_dtype`, bfloat16
+halves it) plus one period's merged weights, not a merged copy of every targeted weight. The model code, the
+grouped expert matmul and the expert-parallel dispatch are untouched. `merged_params` does the same merge on the
+whole parameter tree at once (export, `merge_lora`, `Trainer.model`). With bfloat16
 compute the merged weight is rounded to bfloat16 (the forward differs from PEFT's unmerged x @ W + x @ A @ B by
 that rounding); gradients reach A and B exactly through the merge.
 
@@ -198,6 +200,58 @@ def merged_params(spec: LoraSpec, base, adapters, dtype_of=None):
         out[path] = (value.astype(jnp.float32) + delta).astype(dtype_of(path, value))
     return jax.tree_util.tree_map_with_path(
         lambda p, _: out[tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)], base)
+
+
+DECODER = ("decoder", "periods")  # where the layer scan's parameters live; paths below it are the period's own
+
+
+class PeriodMerge:
+    """The LoRA merge done per decoder period inside the layer scan (`nn.decoder.Decoder.__call__`'s
+    period_transform): `extra = pm.extra(adapters)` stacks the adapters of every targeted HF weight per period
+    slot ([num_periods, ...]; a period where that slot is not targeted holds zeros, adding exactly 0), and
+    `pm.merge(period_params, extra_slice, dtype_of)` computes W + (alpha/r) * A @ B for one period's slice of the
+    stacked base, the same expressions as `merged_params` on that slice. With one period (no scan) the adapters
+    are not stacked."""
+
+    def __init__(self, spec: LoraSpec, num_periods: int):
+        self.spec, self.num_periods = spec, num_periods
+        self.groups = {}  # the period's paths of a rule -> (a rule with them, {(period, index): Target})
+        for t in spec.targets:
+            key = tuple(tuple(p[len(DECODER):]) for p in t.rule.ours)
+            self.groups.setdefault(key, (t.rule, {}))[1][(t.rule.period, t.index)] = t
+
+    def extra(self, adapters) -> tuple:
+        """Per group, per targeted HF index (sorted): (A, B), stacked on a leading [num_periods] axis."""
+        out = []
+        for _, chosen in self.groups.values():
+            pairs = []
+            for index in sorted({i for _, i in chosen}):
+                per = {p: _pair(adapters, t.key) for (p, i), t in chosen.items() if i == index}
+                if None in per:
+                    pairs.append(per[None])
+                    continue
+                a0, b0 = next(iter(per.values()))
+                pairs.append(tuple(jnp.stack([per[p][k] if p in per else jnp.zeros_like(z)
+                                              for p in range(self.num_periods)]) for k, z in enumerate((a0, b0))))
+            out.append(tuple(pairs))
+        return tuple(out)
+
+    def merge(self, params, extra, dtype_of=None):
+        """One period's parameters (plain arrays, paths relative to the period) + its slice of `extra` -> the
+        effective parameters; `dtype_of(path, array)` as in `merged_params` (path relative to the period)."""
+        flat = _flat(params)
+        dtype_of = dtype_of or (lambda path, x: x.dtype)
+        deltas = {}
+        for (paths, (rule, chosen)), pairs in zip(self.groups.items(), extra):
+            indices = sorted({i for _, i in chosen})
+            zeros = jax.eval_shape(rule.to_hf, *(jax.ShapeDtypeStruct(flat[p].shape, jnp.float32) for p in paths))
+            hf = [hf_delta(*pairs[indices.index(i)], self.spec.scale) if i in indices else jnp.zeros(z.shape)
+                  for i, z in enumerate(zeros)]
+            deltas.update(zip(paths, rule.to_ours(*hf)))
+        out = {path: (value.astype(jnp.float32) + deltas[path]).astype(dtype_of(path, value)) if path in deltas
+               else value.astype(dtype_of(path, value)) for path, value in flat.items()}
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: out[tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)], params)
 
 
 def merge_lora(model: Qwen35, spec: LoraSpec, adapters) -> Qwen35:

@@ -12,12 +12,20 @@ from jax.sharding import NamedSharding
 from qwen35_jax.loading import resolve_dtype
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import logical_spec, variable_sharding
-from train.lora import LoraSpec, adapter_variables, merged_params
+from train.lora import DECODER, LoraSpec, PeriodMerge, adapter_variables, merged_params
 from train.loss import cross_entropy_sum, load_balancing_loss, router_z_loss
 from train.optim import (freeze, frozen_mask, is_variable, learning_rate_schedule, make_optimizer, matrix_mask,
                          plain_values)
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
+
+
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def _flat(tree) -> dict:
+    return {_keys(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class Trainer:
@@ -32,6 +40,10 @@ class Trainer:
     the state's params are the float32 adapters only (what the optimizer sees and checkpoints hold); the frozen
     base (param_dtype, placed by the rules) stays in the trainer (`self.base`) and is passed to the jitted step
     as an argument, merged with the adapters in the cast.
+
+    The cast (and the LoRA merge) of the decoder's parameters runs per period inside the layer scan (the
+    model's period_transform), so only one period's compute-dtype / merged weights are live at a time (under
+    remat they are recomputed in the backward pass); the embeddings, final norm and lm_head are cast before.
     """
 
     def __init__(self, model: Qwen35, tc, mesh: jax.sharding.Mesh | None = None):
@@ -44,6 +56,13 @@ class Trainer:
         self.schedule = learning_rate_schedule(tc)
         self.compute_dtype = resolve_dtype(tc.compute_dtype)
         self.cast_mask = matrix_mask(variables)
+        flat_mask = _flat(self.cast_mask)
+        self._period_matrix = {p[len(DECODER):]: m for p, m in flat_mask.items() if p[:len(DECODER)] == DECODER}
+        self._matrix = flat_mask
+        # partly frozen stacked parameters: frozen per slice inside the scan (their masks scanned with the periods)
+        self._partly_frozen = tuple(p for p, m in _flat(self.frozen).items()
+                                    if p[:len(DECODER)] == DECODER and m.any() and not m.all())
+        self._period_merge = None if self.lora is None else PeriodMerge(self.lora, self.config.num_periods)
         coef = tc.router_aux_loss_coef
         self.aux_coef = self.config.router_aux_loss_coef if coef is None else coef
         shardings = lambda tree: None if mesh is None else jax.tree.map(  # noqa: E731
@@ -170,25 +189,51 @@ class Trainer:
 
     # ----- loss -----
     def _cast(self, params, base=None):
-        """Matrices to the compute dtype (master copies stay in params); norms and 1-D params stay float32.
-        Frozen parameters and slices are constants to the gradient (zero gradients, not part of the grad norm).
-        With LoRA, `params` are the adapters, merged into `base` here (`train.lora.merged_params`)."""
+        """(the parameters the model is built with, the keyword args of `train_hidden_states` that finish the cast
+        inside the layer scan). Matrices go to the compute dtype (master copies stay in params); norms and 1-D
+        params stay float32. Frozen parameters and slices are constants to the gradient (zero gradients, not part
+        of the grad norm). With LoRA, `params` are the adapters, merged into `base` (`train.lora.PeriodMerge`).
+        Parameters outside the decoder's scan are cast here; the decoder's stay as they are (master / base) and
+        are cast (merged) one period at a time by the period transform."""
+        period_matrix = self._period_matrix
         if self.lora is not None:
-            matrices = {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p): m
-                        for p, m in jax.tree_util.tree_flatten_with_path(self.cast_mask)[0]}
-            return merged_params(self.lora, base, params,
-                                 lambda path, p: self.compute_dtype if matrices[path] else p.dtype)
-        params = freeze(params, self.frozen)
-        return jax.tree.map(lambda p, m: p.astype(self.compute_dtype) if m else p, params, self.cast_mask)
+            tree, extra = base, self._period_merge.extra(params)
+            dtype_of = lambda path, p: self.compute_dtype if period_matrix[path] else p.dtype  # noqa: E731
+
+            def transform(period_params, extra):
+                return self._period_merge.merge(plain_values(period_params), extra, dtype_of)
+        else:
+            partly = set(self._partly_frozen)
+            frozen = jax.tree_util.tree_map_with_path(
+                lambda p, m: np.zeros_like(m) if _keys(p) in partly else m, self.frozen)
+            tree = freeze(params, frozen)
+            flat_frozen = _flat(self.frozen)
+            extra = tuple(jnp.asarray(flat_frozen[p]) for p in self._partly_frozen)
+            masks_at = tuple(p[len(DECODER):] for p in self._partly_frozen)
+
+            def transform(period_params, extra):
+                masks = dict(zip(masks_at, extra))
+
+                def one(p, v):
+                    path = _keys(p)
+                    if path in masks:
+                        v = jnp.where(masks[path], jax.lax.stop_gradient(v), v)
+                    return v.astype(self.compute_dtype) if period_matrix[path] else v
+                return jax.tree_util.tree_map_with_path(one, plain_values(period_params))
+        outside = lambda p, v: (v if _keys(p)[:len(DECODER)] == DECODER  # noqa: E731
+                                else v.astype(self.compute_dtype) if self._matrix[_keys(p)] else v)
+        tree = jax.tree_util.tree_map_with_path(outside, tree)
+        return tree, {"period_transform": transform, "period_extra": extra}
 
     def loss_terms(self, params, batch: dict, n_counted, base=None) -> tuple[jax.Array, dict]:
         """(objective, metrics) of one (micro-)batch; the cross-entropy term is summed and divided by
         n_counted (all counted tokens of the optimizer step), so micro-batch objectives add up exactly.
         base: the frozen base parameters (LoRA only)."""
-        model = nnx.merge(self.graphdef, self._cast(params, base))
+        tree, hook = self._cast(params, base)
+        model = nnx.merge(self.graphdef, tree)
         hidden, stats = model.train_hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
                                                   router_stats=self.config.is_moe, remat=self.tc.remat,
-                                                  moe_backend=self.tc.moe_backend)
+                                                  moe_backend=self.tc.moe_backend, **hook)
         ce = cross_entropy_sum(hidden, model.logits, batch["targets"], batch["loss_mask"], self.tc.loss_chunk)
         metrics = {"ce_sum": ce}
         objective = ce / n_counted

@@ -127,33 +127,46 @@ class Decoder(nnx.Module):
 
         self.periods = create(rngs)
 
-    def __call__(self, x: jax.Array, ctx: Context, states: list | None = None, remat: str = "none"):
+    def __call__(self, x: jax.Array, ctx: Context, states: list | None = None, remat: str = "none",
+                 period_transform=None, period_extra=None):
         """x: [B, L, H]; states: the decode state's "layers" (stacked per period) or None; remat: "none",
         "full" (recompute each period's forward in the backward pass) or "dots" (keep its matmul outputs).
+
+        period_transform: None or a callable (period_state, extra) -> the period's parameters, applied to each
+        period inside the scan (and inside the remat'd function, so under remat it is recomputed in the backward
+        pass instead of saved): the period runs as `nnx.merge(graphdef, period_transform(period_state, extra))`,
+        period_state being `nnx.split(period)[1]` (one period's slice of the stacked parameters, paths relative
+        to the period: ("layers", slot, ...)). A trainer casts or merges adapters here, so only one period's
+        transformed weights are live at a time. period_extra: a pytree handed to the transform, its leaves
+        with a leading [num_periods] axis scanned with the periods (extra = its slice); with one period (an
+        unscanned model) it has no leading axis and is passed as it is.
 
         Returns (x, new states or None, router stats summed over all MoE layers or None: present when
         ctx.token_mask is set and the model is MoE)."""
         check_choice("remat", remat, REMAT_CHOICES)
         check_choice("moe_backend", ctx.moe_backend, MOE_BACKENDS)
 
-        def run(period, x, states):
+        def run(period, x, states, extra):
+            if period_transform is not None:
+                graphdef, params = nnx.split(period)
+                period = nnx.merge(graphdef, period_transform(params, extra))
             return period(x, ctx, states)
 
         if remat != "none":
             run = nnx.remat(run, policy=REMAT_POLICIES[remat])
         if self.num_periods == 1:
-            return run(self.periods, x, states)
+            return run(self.periods, x, states, period_extra)
         if states is None:
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
-            def scan_plain(period, x):
-                x, _, stats = run(period, x, None)
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            def scan_plain(period, x, extra):
+                x, _, stats = run(period, x, None, extra)
                 return x, stats
-            x, stats = scan_plain(self.periods, x)
+            x, stats = scan_plain(self.periods, x, period_extra)
             return x, None, jax.tree.map(lambda a: a.sum(0), stats)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-        def scan_with_state(period, x, states):
-            x, states, _ = run(period, x, states)
+        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        def scan_with_state(period, x, states, extra):
+            x, states, _ = run(period, x, states, extra)
             return x, states
-        x, states = scan_with_state(self.periods, x, states)
+        x, states = scan_with_state(self.periods, x, states, period_extra)
         return x, states, None

@@ -72,12 +72,15 @@ class Qwen35(nnx.Module):
     @_under_precision_policy
     def train_hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                             segment_ids: jax.Array | None = None, router_stats: bool = False,
-                            remat: str = "none", moe_backend: str = "auto"):
+                            remat: str = "none", moe_backend: str = "auto", period_transform=None,
+                            period_extra=None):
         """The training forward. input_ids: int [B, L]; positions: int [B, L] or [3, B, L] (default 0..L-1);
         segment_ids: int [B, L] or None: packed documents (attention stays within a segment, GDN conv and
         recurrent states restart at each segment start; id 0 marks padding, which no router stat counts).
         remat: "none", "full" or "dots" (`nn.decoder.REMAT_POLICIES`), applied to each decoder period;
-        moe_backend: the grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`).
+        moe_backend: the grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`); period_transform, period_extra:
+        a per-period parameter transform run inside the layer scan (`nn.decoder.Decoder.__call__`; a trainer's
+        cast / LoRA merge), the embeddings, final norm and lm_head being used as they are.
 
         Returns (final-normed hidden states [B, L, H], router stats summed over MoE layers or None): see
         `ops.moe.router_stats`; requested by router_stats=True and only for MoE models.
@@ -93,7 +96,8 @@ class Qwen35(nnx.Module):
         if router_stats:
             token_mask = jnp.ones((batch, seq)) if segment_ids is None else (segment_ids != 0)
         ctx = Context(cos, sin, mask, segment_ids=segment_ids, token_mask=token_mask, moe_backend=moe_backend)
-        x, _, stats = self.decoder(self.embed(input_ids), ctx, remat=remat)
+        x, _, stats = self.decoder(self.embed(input_ids), ctx, remat=remat, period_transform=period_transform,
+                                   period_extra=period_extra)
         return self.norm(x), stats
 
     @_under_precision_policy
