@@ -60,8 +60,10 @@ def cells(r: dict | None) -> list[str]:
 
 
 def row_line(row, cpu: dict, tpu: dict | None) -> str:
+    """FLOPs, step time and MFU come from the CPU compile: XLA:TPU rewrites matmuls into (base-dilated)
+    convolutions and the grouped matmul counts its whole receive buffer, so its HLO overstates FLOPs."""
     model, job, slice_name, chips, chip, hbm, mesh, mode, batch, seq, _ = row
-    best = tpu if tpu and "error" not in tpu else cpu
+    best = cpu
     flops = ratio = step = mfu = ""
     if "error" not in best:
         per_device = best["flops_per_device"]
@@ -72,6 +74,23 @@ def row_line(row, cpu: dict, tpu: dict | None) -> str:
     return " | ".join([f"| {model}", job, f"{slice_name} ({chips} chips)", mesh, f"{batch} x {seq}", hbm,
                        *cells(cpu), *cells(tpu), flops, ratio, step, mfu]) + " |"
 
+
+PREAMBLE = """# Dry-run table
+
+Written by `python -m benchmarks.dryrun_table` (raw reports: `dryrun_table.jsonl`). Each row compiles the step users
+run (`train.step.Trainer`'s train step: bf16 compute, float32 master weights + AdamW, remat full, chunked loss; or
+`infer.Engine`'s decode step with its own decode-state placement), with abstract arrays, twice: for fake CPU devices
+(XLA:CPU's memory analysis, an estimate: CPU upcasts bf16 matmul operands, so its temporaries read high) and, where
+the slice is a TPU one, for the real slice by the TPU compiler (libtpu, ahead of time). Slices are named as sold:
+TPU v5p names count TensorCores (v5p-256 = 128 chips), v5e / v6e names count chips. "total" = arguments + temporaries
+(+ outputs not aliased to donated inputs) per chip at the step's peak; "fits" compares it with the chip's HBM.
+FLOPs/device are counted from the CPU-compiled HLO with while-loop trip counts (`qwen35_jax.hlo_cost`; the CPU MoE's
+grouped-matmul loops have data-dependent trip counts and count once, the remat recompute counts in full); "x chips /
+model FLOPs" near 1 means no device repeats another's work. The step time (compute at the chip's peak + collective
+bytes over its interconnect, no overlap: pessimistic, and the CPU collectives move padded all-to-all blocks) and MFU
+(analytic model FLOPs without recompute / (chips x peak x step)) are rough estimates for the named chip.
+
+"""
 
 HEADER = ["| model | job | slice | mesh | batch | HBM/chip | CPU: params GiB | CPU: opt/state GiB | CPU: temp GiB "
           "| CPU: total GiB | CPU: fits | CPU: compile s | TPU: params GiB | TPU: opt/state GiB | TPU: temp GiB | "
@@ -84,18 +103,37 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).with_name("dryrun_table.md")))
     parser.add_argument("--rows", default="", help="only rows whose model name contains this")
     parser.add_argument("--no-tpu", action="store_true", help="skip the TPU-topology compiles")
+    parser.add_argument("--reports", default=str(Path(__file__).with_name("dryrun_table.jsonl")),
+                        help="raw dry-run reports, one JSON line per row and platform; rows already there are "
+                             "reused (delete the file to recompile everything)")
     args = parser.parse_args(argv)
     from qwen35_jax.topology import has_libtpu
     tpu_ok = has_libtpu() and not args.no_tpu
+    reports = _read_reports(Path(args.reports))
     lines = list(HEADER)
     for row in ROWS:
         if args.rows not in row[0]:
             continue
-        tpu = dryrun(row, tpu=True) if tpu_ok and row[2].startswith("v5") else None
-        cpu = dryrun(row, tpu=False)
-        lines.append(row_line(row, cpu, tpu))
+        results = {}
+        for platform in ("tpu", "cpu"):
+            key = f"{row[0]} | {row[1]} | {row[2]} | {platform}"
+            if platform == "tpu" and not (row[2].startswith("v5") or row[2].startswith("v6")):
+                results[platform] = None
+                continue
+            if key not in reports and (platform == "cpu" or tpu_ok):
+                reports[key] = dryrun(row, tpu=platform == "tpu")
+                with open(args.reports, "a") as f:
+                    f.write(json.dumps({"key": key, "report": reports[key]}) + "\n")
+            results[platform] = reports.get(key)
+        lines.append(row_line(row, results["cpu"], results["tpu"]))
         print(lines[-1], flush=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+        Path(args.out).write_text(PREAMBLE + "\n".join(lines) + "\n")
+
+
+def _read_reports(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    return {entry["key"]: entry["report"] for entry in map(json.loads, path.read_text().splitlines())}
 
 
 if __name__ == "__main__":
