@@ -10,8 +10,9 @@ def cross_entropy_sum(hidden: jax.Array, head, targets: jax.Array, mask: jax.Arr
     """Sum over counted tokens of -log softmax(head(hidden))[target], float32.
 
     hidden: [B, L, H]; head: callable [..., H] -> [..., vocab] logits; targets: int [B, L]; mask: [B, L] (1 =
-    counted). chunk > 0 computes the logits `chunk` tokens at a time under remat, so the [tokens, vocab]
-    logits (and their gradient) never exist at once (what 248K-vocabulary models need); 0 = in one go.
+    counted). chunk > 0 computes the logits of at most `chunk` tokens at a time (blocks of chunk // B positions
+    of every row) under remat, so the [tokens, vocab] logits (and their gradient) never exist at once (what
+    248K-vocabulary models need); 0 = in one go.
     Traced under the precision policy of hidden's dtype (qwen35_jax.precision).
     """
     with precision_scope(hidden.dtype):
@@ -19,24 +20,27 @@ def cross_entropy_sum(hidden: jax.Array, head, targets: jax.Array, mask: jax.Arr
 
 
 def _cross_entropy_sum(hidden, head, targets, mask, chunk):
-    tokens = hidden.reshape(-1, hidden.shape[-1])
-    targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
 
     def block_loss(h, t, m):
         logits = head(h).astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m)
 
-    n = tokens.shape[0]
-    if chunk <= 0 or chunk >= n:
-        return block_loss(tokens, targets, mask)
-    blocks = -(-n // chunk)
-    pad = blocks * chunk - n
-    tokens = jnp.pad(tokens, ((0, pad), (0, 0))).reshape(blocks, chunk, -1)
-    targets = jnp.pad(targets, (0, pad)).reshape(blocks, chunk)
-    mask = jnp.pad(mask, (0, pad)).reshape(blocks, chunk)
+    batch, seq = targets.shape
+    if chunk <= 0 or chunk >= batch * seq:
+        return block_loss(hidden, targets, mask)
+    # Blocks along the sequence, every row in each: the rows keep their sharding over the mesh's batch axes
+    # (a block of whole rows would sit on one device and the scan would gather it everywhere).
+    length = max(1, chunk // batch)
+    blocks = -(-seq // length)
+    pad = blocks * length - seq
+
+    def split(x):
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, blocks, length, *x.shape[2:]), 1, 0)
     step = jax.checkpoint(lambda total, xs: (total + block_loss(*xs), None))
-    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (tokens, targets, mask))
+    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
     return total
 
 
