@@ -21,7 +21,7 @@ from pathlib import Path
 ROWS = [
     ("qwen3.5-397b-a17b", "full FT", "v5p-256", 128, "v5p", "95GiB", "fsdp=32,expert=4", "train", 128, 4096, []),
     ("qwen3.5-397b-a17b", "decode 32K", "v5p-64", 32, "v5p", "95GiB", "expert=16,tensor=2", "decode", 64, 32768, []),
-    ("qwen3.5-397b-a17b", "LoRA r16", "8x H200", 8, "h200", "141GiB", "fsdp=2,expert=4", "train", 8, 4096,
+    ("qwen3.5-397b-a17b", "LoRA r16", "8x H200", 8, "h200", "141GiB", "expert=8", "train", 8, 4096,
      ["lora=LORA", "param_dtype=bfloat16"]),
     ("qwen3.5-35b-a3b", "LoRA r16", "1x H200", 1, "h200", "141GiB", "fsdp=1", "train", 8, 4096,
      ["lora=LORA", "param_dtype=bfloat16"]),

@@ -181,8 +181,9 @@ def _report(args, compiled, parts, mesh, hbm, chip, seconds, batch, seq, model_f
         "flops_per_device": cost.flops, "model_flops": model_flops,
         "loops_with_unknown_trip_count": len(cost.unknown_trip_counts),
         "collectives": dict(cost.collective_counts), "collective_bytes_per_device": dict(cost.collective_bytes)})
-    if chip is not None:
-        estimate = hlo_cost.estimate_step(cost, chip)
+    if chip is not None:  # compute time from at least the analytic FLOPs (the counts can miss data-dependent loops)
+        floor = dataclasses.replace(cost, flops=max(cost.flops, int(model_flops / devices)))
+        estimate = hlo_cost.estimate_step(floor, chip)
         report["chip"] = args.chip or args.topology.split("-")[0]
         report.update({f"estimated_{k}": v for k, v in estimate.items()})
         report["estimated_mfu"] = hlo_cost.mfu(model_flops, devices, estimate["step_s"], chip)
