@@ -216,11 +216,12 @@ class Trainer:
 
                 def one(p, v):
                     path = _keys(p)
-                    if path in masks:
-                        v = jnp.where(masks[path], jax.lax.stop_gradient(v), v)
-                    return v.astype(self.compute_dtype) if period_matrix[path] else v
+                    return jnp.where(masks[path], jax.lax.stop_gradient(v), v) if path in masks else v
                 return jax.tree_util.tree_map_with_path(one, plain_values(period_params))
-        outside = lambda p, v: (v if _keys(p)[:len(DECODER)] == DECODER  # noqa: E731
+        # Full fine-tuning casts every matrix before the scan (the FSDP all-gathers then move compute-dtype weights:
+        # measured 91.7 vs 92.5 GiB per chip for 397B-A17B on a v5p-256 against casting inside the scan); LoRA
+        # merges the decoder's weights one period at a time (a whole merged copy would not fit).
+        outside = lambda p, v: (v if self.lora is not None and _keys(p)[:len(DECODER)] == DECODER  # noqa: E731
                                 else v.astype(self.compute_dtype) if self._matrix[_keys(p)] else v)
         tree = jax.tree_util.tree_map_with_path(outside, tree)
         return tree, {"period_transform": transform, "period_extra": extra}
