@@ -87,8 +87,8 @@ TPU v5p names count TensorCores (v5p-256 = 128 chips), v5e / v6e names count chi
 FLOPs/device are counted from the CPU-compiled HLO with while-loop trip counts (`qwen35_jax.hlo_cost`; the CPU MoE's
 grouped-matmul loops have data-dependent trip counts and count once, the remat recompute counts in full); "x chips /
 model FLOPs" near 1 means no device repeats another's work. The step time (compute at the chip's peak + collective
-bytes over its interconnect, no overlap: pessimistic, and the CPU collectives move padded all-to-all blocks) and MFU
-(analytic model FLOPs without recompute / (chips x peak x step)) are rough estimates for the named chip.
+bytes over its interconnect, no overlap, the compute at least the analytic FLOPs at peak; the CPU collectives move padded all-to-all blocks) and MFU
+(analytic model FLOPs without recompute / (chips x peak x step): an upper bound, 100% when a one-chip step has no collectives) are rough estimates for the named chip.
 
 """
 
@@ -106,6 +106,7 @@ def main(argv=None):
     parser.add_argument("--reports", default=str(Path(__file__).with_name("dryrun_table.jsonl")),
                         help="raw dry-run reports, one JSON line per row and platform; rows already there are "
                              "reused (delete the file to recompile everything)")
+    parser.add_argument("--cached-only", action="store_true", help="render the rows already in --reports only")
     args = parser.parse_args(argv)
     from qwen35_jax.topology import has_libtpu
     tpu_ok = has_libtpu() and not args.no_tpu
@@ -120,11 +121,13 @@ def main(argv=None):
             if platform == "tpu" and not (row[2].startswith("v5") or row[2].startswith("v6")):
                 results[platform] = None
                 continue
-            if key not in reports and (platform == "cpu" or tpu_ok):
+            if key not in reports and (platform == "cpu" or tpu_ok) and not args.cached_only:
                 reports[key] = dryrun(row, tpu=platform == "tpu")
                 with open(args.reports, "a") as f:
                     f.write(json.dumps({"key": key, "report": reports[key]}) + "\n")
             results[platform] = reports.get(key)
+        if results["cpu"] is None:  # --cached-only and never compiled
+            continue
         lines.append(row_line(row, results["cpu"], results["tpu"]))
         print(lines[-1], flush=True)
         Path(args.out).write_text(PREAMBLE + "\n".join(lines) + "\n")
