@@ -70,7 +70,7 @@ def test_sharded_forward_and_decode_equal_single_device(single, spec):
 def test_logical_rules_replicate_what_does_not_divide():
     mesh = make_mesh("expert=2,tensor=4")
     assert tuple(logical_spec(("embed", "kv_heads", "head_dim"), (64, 2, 32), mesh)) == ("expert", None, None)
-    assert tuple(logical_spec(("embed", "heads", "head_dim"), (64, 8, 32), mesh)) == (None, "tensor", None)
+    assert tuple(logical_spec(("embed", "heads", "head_dim"), (64, 8, 32), mesh)) == ("expert", "tensor", None)
     assert tuple(logical_spec(("experts", "embed", None, "mlp"), (8, 64, 2, 32), mesh)) == \
         ("expert", None, None, "tensor")
 
