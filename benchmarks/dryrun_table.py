@@ -1,6 +1,6 @@
 """Writes benchmarks/dryrun_table.md: does each job fit, and how good is its step, on real slices.
 
-    python -m benchmarks.dryrun_table [--out benchmarks/dryrun_table.md] [--rows 397b] [--no-tpu]
+    python -m benchmarks.dryrun_table [--out benchmarks/dryrun_table.md] [--rows 397b] [--no-tpu] [--no-gpu]
 
 Each row runs `python -m qwen35_jax.dryrun` in fresh processes: once on fake CPU devices (XLA:CPU's memory
 analysis: an estimate) and, where libtpu is installed (Python 3.12+: `pip install 'qwen35-jax[tpu]'`), once
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,12 @@ ROWS = [
 LORA = '{rank: 16, alpha: 32, targets: [self_attn, linear_attn, shared_expert, mlp.experts]}'  # all LoRA targets
 
 
-def dryrun(row, tpu: bool) -> dict:
+def dryrun(row, platform: str) -> dict:
+    """One dry-run in a fresh process; platform: cpu (fake devices), tpu (the slice, libtpu) or gpu (the GPU
+    compiler, devices beyond the machine's mocked)."""
     model, _, slice_name, chips, chip, hbm, mesh, mode, batch, seq, extra = row
-    where = ["--topology", slice_name] if tpu else ["--devices", str(chips)]
+    where = {"tpu": ["--topology", slice_name], "cpu": ["--devices", str(chips)],
+             "gpu": ["--platform", "gpu", "--devices", str(chips)]}[platform]
     extra = [e.replace("LORA", LORA) for e in extra]
     cmd = [sys.executable, "-m", "qwen35_jax.dryrun", "--model", model, *where, "--mesh", mesh, "--mode", mode,
            "--batch", str(batch), "--seq", str(seq), "--hbm", hbm, "--chip", chip, "--json", *extra]
@@ -81,7 +85,9 @@ Written by `python -m benchmarks.dryrun_table` (raw reports: `dryrun_table.jsonl
 run (`train.step.Trainer`'s train step: bf16 compute, float32 master weights + AdamW, remat full, chunked loss; or
 `infer.Engine`'s decode step with its own decode-state placement), with abstract arrays, twice: for fake CPU devices
 (XLA:CPU's memory analysis, an estimate: CPU upcasts bf16 matmul operands, so its temporaries read high) and, where
-the slice is a TPU one, for the real slice by the TPU compiler (libtpu, ahead of time). Slices are named as sold:
+the slice is a TPU one, for the real slice by the TPU compiler (libtpu, ahead of time), or where it is a GPU one,
+by the GPU compiler on a machine with one NVIDIA GPU (`--platform gpu`: more GPUs than present are mocked hosts;
+H200 rows: jax 0.11.2 on one H200, run when a GPU was lent). Slices are named as sold:
 TPU v5p names count TensorCores (v5p-256 = 128 chips), v5e / v6e names count chips. "total" = arguments + temporaries
 (+ outputs not aliased to donated inputs) per chip at the step's peak; "fits" compares it with the chip's HBM.
 FLOPs/device are counted from the CPU-compiled HLO with while-loop trip counts (`qwen35_jax.hlo_cost`; the CPU MoE's
@@ -93,8 +99,8 @@ bytes over its interconnect, no overlap, the compute at least the analytic FLOPs
 """
 
 HEADER = ["| model | job | slice | mesh | batch | HBM/chip | CPU: params GiB | CPU: opt/state GiB | CPU: temp GiB "
-          "| CPU: total GiB | CPU: fits | CPU: compile s | TPU: params GiB | TPU: opt/state GiB | TPU: temp GiB | "
-          "TPU: total GiB | TPU: fits | TPU: compile s | FLOPs/device | x chips / model FLOPs | est. step ms | "
+          "| CPU: total GiB | CPU: fits | CPU: compile s | TPU/GPU compiler: params GiB | opt/state GiB | temp GiB | "
+          "total GiB | fits | compile s | FLOPs/device | x chips / model FLOPs | est. step ms | "
           "est. MFU |", "|" + "---|" * 22]
 
 
@@ -103,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).with_name("dryrun_table.md")))
     parser.add_argument("--rows", default="", help="only rows whose model name contains this")
     parser.add_argument("--no-tpu", action="store_true", help="skip the TPU-topology compiles")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the GPU compiles (run only where nvidia-smi is)")
     parser.add_argument("--reports", default=str(Path(__file__).with_name("dryrun_table.jsonl")),
                         help="raw dry-run reports, one JSON line per row and platform; rows already there are "
                              "reused (delete the file to recompile everything)")
@@ -110,25 +117,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from qwen35_jax.topology import has_libtpu
     tpu_ok = has_libtpu() and not args.no_tpu
+    gpu_ok = shutil.which("nvidia-smi") is not None and not args.no_gpu
     reports = _read_reports(Path(args.reports))
     lines = list(HEADER)
     for row in ROWS:
         if args.rows not in row[0]:
             continue
         results = {}
-        for platform in ("tpu", "cpu"):
+        chip_platform = "tpu" if row[2].startswith(("v5", "v6")) else "gpu"
+        for platform in (chip_platform, "cpu"):
             key = f"{row[0]} | {row[1]} | {row[2]} | {platform}"
-            if platform == "tpu" and not (row[2].startswith("v5") or row[2].startswith("v6")):
-                results[platform] = None
-                continue
-            if key not in reports and (platform == "cpu" or tpu_ok) and not args.cached_only:
-                reports[key] = dryrun(row, tpu=platform == "tpu")
+            available = {"cpu": True, "tpu": tpu_ok, "gpu": gpu_ok}[platform]
+            if key not in reports and available and not args.cached_only:
+                reports[key] = dryrun(row, platform)
                 with open(args.reports, "a") as f:
                     f.write(json.dumps({"key": key, "report": reports[key]}) + "\n")
             results[platform] = reports.get(key)
         if results["cpu"] is None:  # --cached-only and never compiled
             continue
-        lines.append(row_line(row, results["cpu"], results["tpu"]))
+        lines.append(row_line(row, results["cpu"], results[chip_platform]))
         print(lines[-1], flush=True)
         Path(args.out).write_text(PREAMBLE + "\n".join(lines) + "\n")
 

@@ -76,7 +76,7 @@ class TrainConfig:
     compute_dtype: str = "float32"           # matrices cast to this for the forward/backward
     remat: str = "none"                      # none | full | dots
     scan_layers: bool = True
-    moe_backend: str = "auto"                # grouped matmul + token exchange: auto | ragged (TPU/GPU) | blocked (CPU)
+    moe_backend: str = "auto"                # grouped matmul + token exchange: auto | ragged (TPU) | blocked (CPU, GPU)
     loss_chunk: int = 4096                   # tokens per cross-entropy block (0: all at once)
     mesh: str | None = None                  # e.g. "fsdp=2,expert=2,tensor=2" (None: one device)
     seed: int = 0

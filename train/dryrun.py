@@ -1,15 +1,18 @@
 """Sharding dry-run of the steps users run, for any model on any mesh, with nothing the model's size allocated.
 
     python -m qwen35_jax.dryrun --model qwen3.5-397b-a17b --mode train|prefill|decode --mesh fsdp=32,expert=4 \\
-        (--devices 128 | --topology v5p-256) [--batch B] [--seq S] [--chip v5p] [--config RECIPE] [--json]
+        (--devices 128 | --topology v5p-256 | --platform gpu --devices 8) [--batch B] [--seq S] [--chip v5p]
+        [--config RECIPE] [--json]
     python -m train.finetune --config RECIPE --dry-run --devices N --mesh SPEC
 
 train: `train.step.Trainer`'s own jitted step built from a TrainConfig (loss chunking, router losses, gradient
 accumulation, compute dtype, remat, frozen groups, LoRA); without --config the recipe the fit table uses:
 bfloat16 compute, float32 master weights + AdamW, remat full, chunked loss. prefill / decode: `infer.Engine`'s
 own prefill-chunk and decode steps with its decode-state placement. Every argument is a ShapeDtypeStruct with
-its real sharding; the step is lowered and compiled for the mesh: fake CPU devices (`--devices`) or, with
-libtpu installed, a real TPU slice (`--topology`, the TPU compiler's memory analysis; qwen35_jax.topology).
+its real sharding; the step is lowered and compiled for the mesh: fake CPU devices (`--devices`), with libtpu
+installed a real TPU slice (`--topology`, the TPU compiler's memory analysis; qwen35_jax.topology), or on a
+machine with an NVIDIA GPU the GPU compiler (`--platform gpu --devices N`: more devices than the machine has are
+mocked as N one-GPU hosts, `jax_mock_gpu_topology`, which compiles but cannot run).
 Reports per-device bytes (parameters, optimizer or decode state, compiled temporaries), FLOPs and collective
 bytes counted from the compiled HLO with loop trip counts (qwen35_jax.hlo_cost), and for a named chip an
 estimated step time and MFU.
@@ -110,7 +113,7 @@ def run(args) -> dict:
     sizes = parse_mesh_spec(args.mesh)
     devices, hbm, chip = _devices(args)
     mesh = make_mesh(sizes, devices)
-    backend = args.moe_backend or "auto"  # auto: ragged_dot on a TPU/GPU mesh, blocked on CPU
+    backend = args.moe_backend or "auto"  # auto: ragged_dot on a TPU mesh, blocked on CPU and GPU
     start = time.perf_counter()
     if args.mode == "train":
         if args.config or not args.recipe_defaults:
@@ -142,6 +145,12 @@ def run(args) -> dict:
 def _override(item: str):
     from train.config import _parse_override
     return _parse_override(item)
+
+
+def _platform_name(args) -> str:
+    if args.topology:
+        return "tpu:" + args.topology
+    return "gpu" if args.platform == "gpu" else "cpu (fake devices)"
 
 
 def _devices(args):
@@ -176,7 +185,7 @@ def _report(args, compiled, parts, mesh, hbm, chip, seconds, batch, seq, model_f
     report.update({
         "fits": None if hbm is None else report["total_bytes_per_device"] <= hbm, "hbm_bytes": hbm,
         "compile_seconds": round(seconds, 2), "mode": args.mode, "mesh": dict(mesh.shape), "devices": devices,
-        "platform": "tpu:" + args.topology if args.topology else "cpu (fake devices)",
+        "platform": _platform_name(args),
         "batch": batch, "seq": seq, "model": str(args.model),
         "flops_per_device": cost.flops, "model_flops": model_flops,
         "loops_with_unknown_trip_count": len(cost.unknown_trip_counts),
@@ -195,7 +204,10 @@ def build_parser():
                         "FLOPs and collectives per device.", prog="python -m qwen35_jax.dryrun")
     p.add_argument("--model", default=None, help="preset name (e.g. qwen3.5-397b-a17b), config.json path or "
                    "checkpoint folder (train: default the recipe's model)")
-    p.add_argument("--devices", type=int, default=None, help="fake CPU devices (the mesh's size)")
+    p.add_argument("--devices", type=int, default=None, help="fake CPU devices (the mesh's size); with --platform "
+                   "gpu: GPUs (mocked beyond those present)")
+    p.add_argument("--platform", choices=["cpu", "gpu"], default="cpu", help="compiler for --devices: cpu (fake "
+                   "devices, an estimate) or gpu (the GPU compiler; needs jax with CUDA and one GPU)")
     p.add_argument("--topology", default=None, help="compile for a real TPU slice, e.g. v5p-256 (128 chips), "
                    "v5e-256, v6e-256 (needs libtpu: pip install 'qwen35-jax[tpu]')")
     p.add_argument("--mesh", required=True, help='e.g. "fsdp=32,expert=4" (axes: data, fsdp, expert, tensor)')
@@ -213,8 +225,8 @@ def build_parser():
     p.add_argument("--grad-accum", type=int, default=None, help="train: micro-batches per step")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill: tokens per row per prefill step")
     p.add_argument("--moe-backend", choices=["auto", "ragged", "blocked"], default=None,
-                   help="grouped matmul (default auto: ragged_dot for --topology, blocked on CPU, where XLA's "
-                        "ragged_dot materialises dense per-expert temporaries)")
+                   help="grouped matmul (default auto: ragged_dot for --topology, blocked on CPU and GPU, where "
+                        "XLA's ragged_dot materialises dense per-expert work; qwen35_jax.ops.moe)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the report")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides")
     return p
@@ -235,6 +247,23 @@ def print_report(report: dict) -> None:
     print(f"  compile {report['compile_seconds']:.1f} s; collectives {report['collectives']}")
 
 
+def _use_gpus(count: int) -> None:
+    """Compile on the GPU backend with `count` devices: the GPUs present, or (fewer present) `count` mocked
+    one-GPU hosts over the first GPU (XLA's mock NCCL: compiles with real memory analysis, never runs)."""
+    import subprocess
+
+    import jax
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise ValueError(f"--platform gpu needs an NVIDIA GPU (nvidia-smi -L failed: {err})") from err
+    present = sum(line.startswith("GPU ") for line in listed.splitlines())
+    jax.config.update("jax_platforms", "cuda")
+    if count > present and not jax.config.read("jax_mock_gpu_topology"):  # JAX_MOCK_GPU_TOPOLOGY wins
+        jax.config.update("jax_cuda_visible_devices", "0")
+        jax.config.update("jax_mock_gpu_topology", f"1x{count}x1")
+
+
 @command
 def main(argv=None) -> int:
     return dry_run(argv)
@@ -246,12 +275,15 @@ def dry_run(argv, use_recipe_defaults: bool = True) -> int:
     args = build_parser().parse_intermixed_args(argv)
     args.recipe_defaults = use_recipe_defaults
     import jax
-    if args.devices:
-        try:
-            jax.config.update("jax_num_cpu_devices", args.devices)
-        except RuntimeError:
-            pass  # backends already started (tests): use the devices there are
-    jax.config.update("jax_platforms", "cpu")
+    if args.platform == "gpu":
+        _use_gpus(args.devices or 1)
+    else:
+        if args.devices:
+            try:
+                jax.config.update("jax_num_cpu_devices", args.devices)
+            except RuntimeError:
+                pass  # backends already started (tests): use the devices there are
+        jax.config.update("jax_platforms", "cpu")
     if args.mode != "train" and args.model is None:
         raise ValueError("--model is required for prefill and decode")
     report = run(args)
