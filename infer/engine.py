@@ -47,6 +47,14 @@ def _bucket(n: int, cap: int) -> int:
     return min(cap, max(16, 1 << (n - 1).bit_length()))
 
 
+def prefill_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+    """(offset, width) of the prefill calls for tokens [start, end): offsets step by `chunk` from `start` (0 or a
+    multiple of `chunk`), each call `_bucket(end - offset, chunk)` wide. Full chunks always end on multiples of
+    `chunk`, so a prefill resumed from a state saved at such a boundary makes exactly the calls (same shapes, same
+    inputs) that the uninterrupted prefill makes from there: the prefix cache's results are bit-identical."""
+    return [(offset, _bucket(end - offset, chunk)) for offset in range(start, end, chunk)]
+
+
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer | None = None, max_len: int = 4096, prefill_chunk: int = 512,
                  mesh: jax.sharding.Mesh | None = None, moe_backend: str = "auto"):
@@ -57,12 +65,13 @@ class Engine:
         self.config = model.config
         self.max_len, self.prefill_chunk = max_len, prefill_chunk
         self.graphdef, self.params = nnx.split(model)
-        self.decode_traces = 0  # how many times the decode step was traced (compiled)
+        self.decode_traces = self.prefill_traces = 0  # how many times each step was traced (compiled)
         self.mesh, self.moe_backend = mesh, moe_backend  # moe_backend: ops.moe.MOE_BACKENDS
         self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode_jit = jax.jit(self._decode_fn, donate_argnums=(1, 3, 4))
         self._prefill, self._decode = self._in_mesh(self._prefill_jit), self._in_mesh(self._decode_jit)
-        self._first_sample = self._in_mesh(jax.jit(self._sample_and_count))
+        self._first_sample_jit = jax.jit(self._sample_and_count)
+        self._first_sample = self._in_mesh(self._first_sample_jit)
         self.last_state = None
 
     @classmethod
@@ -155,6 +164,7 @@ class Engine:
 
     def _prefill_fn(self, params, state, tokens, n_valid):
         """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state)."""
+        self.prefill_traces += 1
         model = nnx.merge(self.graphdef, params)
         hidden, state = model.forward_with_state(tokens, state, n_valid, moe_backend=self.moe_backend)
         state = self._placed(state)
@@ -258,9 +268,8 @@ class Engine:
         """Chunked prefill of every row; returns (logits [B, V] after each row's prompt, state)."""
         batch = len(prompt_ids)
         longest = max(len(ids) for ids in prompt_ids)
-        chunk = _bucket(longest, self.prefill_chunk)
         logits = None
-        for offset in range(0, longest, chunk):
+        for offset, chunk in prefill_chunks(0, longest, self.prefill_chunk):
             tokens = np.zeros((batch, chunk), np.int32)
             n_valid = np.zeros(batch, np.int32)
             for i, ids in enumerate(prompt_ids):

@@ -110,7 +110,7 @@ def filter_logits(logits, p):
 
 
 def sample(logits, output_counts, seen_mask, p, step):
-    """One token per row. logits [B, V]; step: int scalar (the decode step, folded into each row's key).
+    """One token per row. logits [B, V]; step: int scalar or [B] (each row's decode step, folded into its key).
 
     Returns int32 [B]: argmax where temperature == 0, else a draw from the filtered distribution.
     """
@@ -118,7 +118,8 @@ def sample(logits, output_counts, seen_mask, p, step):
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(logits):
-        keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(p["key"])
+        steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), p["key"].shape[:1])
+        keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(p["key"], steps)
         drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, p))
         return jnp.where(p["temperature"] > 0, drawn, greedy).astype(jnp.int32)
 
