@@ -36,7 +36,7 @@ class PrefixCache:
             raise ValueError(f"prefix cache budget {budget_bytes} bytes: expected >= 0")
         self.budget, self.chunk = int(budget_bytes), chunk
         self.entries: collections.OrderedDict[str, dict] = collections.OrderedDict()
-        self.bytes = self.queries = self.hits = self.hit_tokens = 0
+        self.bytes = self.queries = self.hits = self.hit_tokens = self.evictions = 0
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +77,7 @@ class PrefixCache:
         while self.bytes + size > self.budget:
             _, old = self.entries.popitem(last=False)
             self.bytes -= sum(leaf.nbytes for leaf in jax.tree.leaves(old))
+            self.evictions += 1
         self.entries[key] = snapshot
         self.bytes += size
 
@@ -87,5 +88,6 @@ class PrefixCache:
         def fill(value, like):
             full = np.zeros(like.shape, like.dtype)
             full[tuple(slice(0, n) for n in value.shape)] = value
-            return jax.device_put(full, like.sharding)
+            # placed exactly like the fresh state (committed or not), so the prefill step is not recompiled
+            return jax.device_put(full, like.sharding) if like.committed else jax.device_put(full)
         return jax.tree.map(fill, snapshot, empty)

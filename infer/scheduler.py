@@ -36,6 +36,20 @@ from infer.sampling import SamplingParams, batch_arrays
 from infer.slot_steps import MAX_STOP_IDS, MAX_TOP_LOGPROBS, make_steps
 
 log = logging.getLogger(__name__)
+_BACKEND_COMPILES = [0]  # XLA compiles in this process (jitted steps and eager ops alike)
+
+
+def _count_compile(event: str, *args, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _BACKEND_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def backend_compiles() -> int:
+    """How many XLA compilations this process has run so far (any function, eager ops included)."""
+    return _BACKEND_COMPILES[0]
 
 
 class QueueFull(RuntimeError):
@@ -97,7 +111,7 @@ class EngineCore:
         self.running: dict[int, Request] = {}
         self.prompt_tokens_total = self.generation_tokens_total = 0
         self._cv = threading.Condition()
-        self._draining = self._stopping = False
+        self._draining = self._stopping = self._warm = False
         self._thread: threading.Thread | None = None
 
     # ---- public API ---------------------------------------------------------------------------
@@ -122,7 +136,7 @@ class EngineCore:
 
     def start(self, warmup: bool = True) -> EngineCore:
         """Compiles every step (unless warmup=False) and starts the scheduler thread."""
-        if warmup:
+        if warmup and not self._warm:
             self.warmup()
         self._thread = threading.Thread(target=self._loop, name="qwen35-engine-core", daemon=True)
         self._thread.start()
@@ -163,12 +177,14 @@ class EngineCore:
         request = Request(self, [0], SamplingParams.greedy(), lambda out: None, None, 0)
         request.state, request.logits = state, logits
         token, counts, seen, sampling = self._first_token(request)
-        self.slots = self._insert(self.slots, state, token, counts, seen, sampling, jnp.ones((1,), jnp.int32),
-                                  jnp.full((1, MAX_STOP_IDS), -1, jnp.int32), jnp.int32(0))
-        self.slots, _ = self._block(self.engine.params, self.slots, jnp.zeros((self.max_batch,), bool),
-                                    jnp.asarray(False))
+        self.slots = self._insert(self.slots, state, token, counts, seen, sampling,
+                                  jax.device_put(np.ones((1,), np.int32)),
+                                  jax.device_put(np.full((1, MAX_STOP_IDS), -1, np.int32)), np.int32(0))
+        self.slots, _ = self._block(self.engine.params, self.slots, jax.device_put(np.zeros(self.max_batch, bool)),
+                                    np.bool_(False))
         jax.block_until_ready(self.slots)
         self.slots = self._empty_slots()
+        self._warm = True
 
     # ---- the scheduler ------------------------------------------------------------------------
     def step(self) -> None:
@@ -231,8 +247,9 @@ class EngineCore:
         piece = request.prompt_ids[offset:offset + width]
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(piece)] = piece
-        request.logits, request.state = self.engine._prefill(self.engine.params, request.state,
-                                                             jnp.asarray(tokens), jnp.asarray([len(piece)], jnp.int32))
+        # jax.device_put, not jnp.asarray: the latter compiles a staging op per new shape
+        request.logits, request.state = self.engine._prefill(self.engine.params, request.state, jax.device_put(tokens),
+                                                             jax.device_put(np.array([len(piece)], np.int32)))
         end = offset + len(piece)
         key = self.cache.wants(request.prompt_ids, end) if len(piece) == self.engine.prefill_chunk else None
         if key is not None:
@@ -249,7 +266,7 @@ class EngineCore:
         seen[0, request.prompt_ids] = True
         sampling = batch_arrays([request.params], [request.seed])
         token, counts, seen = self.engine._first_sample(request.logits, jnp.zeros((1, vocab), jnp.int32),
-                                                        jnp.asarray(seen), sampling, 0)
+                                                        jax.device_put(seen), sampling, 0)
         return token, counts, seen, sampling
 
     def _finish_prefill(self, request: Request) -> None:
@@ -258,21 +275,23 @@ class EngineCore:
         token, counts, seen, sampling = self._first_token(request)
         request.length = request.prompt_tokens
         logprob = top = None
+        first = int(np.asarray(token)[0])  # host-side indexing: an eager jax op would compile
         if request.logprobs is not None:
-            logp = np.asarray(jax.nn.log_softmax(request.logits[0]))
-            logprob = float(logp[int(token[0])])
+            logits = np.asarray(request.logits, np.float64)[0]
+            logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+            logprob = float(logp[first])
             order = np.argsort(-logp, kind="stable")[:request.logprobs]
             top = [(int(i), float(logp[i])) for i in order]
-        self._emit(request, int(token[0]), logprob, top)
+        self._emit(request, first, logprob, top)
         if request.done:
             self._release(request)
             return
         stop_ids = np.full((1, MAX_STOP_IDS), -1, np.int32)
         ids = list(self._eos(request)) + list(request.params.stop_token_ids)
         stop_ids[0, :min(len(ids), MAX_STOP_IDS)] = ids[:MAX_STOP_IDS]
-        remaining = jnp.asarray([request.params.max_new_tokens - 1], jnp.int32)
+        remaining = jax.device_put(np.array([request.params.max_new_tokens - 1], np.int32))
         self.slots = self._insert(self.slots, request.state, token, counts, seen, sampling, remaining,
-                                  jnp.asarray(stop_ids), jnp.int32(request.slot))
+                                  jax.device_put(stop_ids), np.int32(request.slot))
         request.state = request.logits = None
         self.running[request.slot] = request
 
@@ -281,7 +300,7 @@ class EngineCore:
         active = np.zeros(self.max_batch, bool)
         active[list(self.running)] = True
         want = any(r.logprobs for r in self.running.values())
-        self.slots, out = self._block(self.engine.params, self.slots, jnp.asarray(active), jnp.asarray(want))
+        self.slots, out = self._block(self.engine.params, self.slots, jax.device_put(active), np.bool_(want))
         out = jax.device_get(out)
         for k in range(self.decode_steps):
             for slot, request in self.running.items():
