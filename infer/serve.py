@@ -162,9 +162,10 @@ class Server:
         return submission
 
     def render_chat(self, req) -> str:
-        if self.tokenizer is None or self.tokenizer.chat_template is None:
-            raise APIError("this model has no chat template (tokenizer): use /v1/completions with token ids",
-                           "messages")
+        if self.tokenizer is None:
+            raise APIError("this model has no tokenizer: use /v1/completions with token-id prompts", "messages")
+        if self.tokenizer.chat_template is None:
+            raise APIError("this model's tokenizer has no chat template: use /v1/completions", "messages")
         try:
             return self.tokenizer.apply_chat_template(req.messages, tools=req.tools, **req.template_kwargs)
         except TypeError as e:
