@@ -355,6 +355,6 @@ class EngineCore:
         vocab, rows = self.engine.config.vocab_size, self.max_batch
         return {"state": self.engine.init_state(rows), "token": jnp.zeros((rows,), jnp.int32),
                 "counts": jnp.zeros((rows, vocab), jnp.int32), "seen": jnp.zeros((rows, vocab), bool),
-                "sampling": batch_arrays([SamplingParams()] * rows, [0] * rows),
+                "sampling": batch_arrays([SamplingParams.greedy()] * rows, [0] * rows),
                 "step": jnp.zeros((rows,), jnp.int32), "remaining": jnp.zeros((rows,), jnp.int32),
                 "stop_ids": jnp.full((rows, MAX_STOP_IDS), -1, jnp.int32)}

@@ -90,7 +90,9 @@ def make_steps(engine, num_steps: int):
                                                      moe_backend=engine.moe_backend)
             state = engine._placed(state)
             logits = model.logits(hidden[:, 0]).astype(jnp.float32)
-            token = sample(logits, slots["counts"], slots["seen"], slots["sampling"], slots["step"])
+            # idle slots count as greedy, so an all-greedy batch skips the sampler's sort (`sample`)
+            sampling = {**slots["sampling"], "temperature": jnp.where(active, slots["sampling"]["temperature"], 0.0)}
+            token = sample(logits, slots["counts"], slots["seen"], sampling, slots["step"])
             token = jnp.where(active, token, slots["token"])
             r = jnp.arange(rows)
             counts = slots["counts"].at[r, token].add(active.astype(jnp.int32))
