@@ -92,7 +92,7 @@ class Request:
 
 class EngineCore:
     def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 256, decode_steps: int = 4,
-                 prefix_cache_bytes: int = 0, prefill_budget: int | None = None):
+                 prefix_cache_bytes: int = 0, prefill_budget: int = 2048):
         checks = [(max_batch >= 1, "max_batch", max_batch), (max_queue >= 0, "max_queue", max_queue),
                   (decode_steps >= 1, "decode_steps", decode_steps)]
         for ok, name, value in checks:
@@ -101,7 +101,9 @@ class EngineCore:
                                  else f"EngineCore max_queue={value}: expected >= 0")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.decode_steps = decode_steps
-        self.prefill_budget = prefill_budget or engine.prefill_chunk
+        # prompt tokens prefilled per round (as vLLM's chunked-prefill token budget; at least one chunk call runs):
+        # admitting several requests per round keeps the batch full (one per round: ~24% more decode time here)
+        self.prefill_budget = max(1, prefill_budget)
         self.cache = PrefixCache(prefix_cache_bytes, engine.prefill_chunk)
         self._insert, self._block, self._traces = make_steps(engine, decode_steps)
         self.slots = self._empty_slots()

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine core.
 
     python -m infer.serve --model PATH [--mesh SPEC] [--max-batch N] [--max-len L] [--port 8000]
-        [--host 127.0.0.1] [--prefix-cache-bytes B] [--max-queue Q] [--decode-steps K] [--dtype float32|bfloat16]
+        [--host 127.0.0.1] [--prefix-cache-bytes B] [--max-queue Q] [--decode-steps K] [--prefill-budget T] [--dtype float32|bfloat16]
         [--served-model-name NAME]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (SSE streaming or not), GET /v1/models, /health,
@@ -335,6 +335,8 @@ def build_parser():
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per device round trip")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk (and prefix-cache granularity)")
     p.add_argument("--prefix-cache-bytes", type=int, default=0, help="prefix-cache budget in bytes (0: off)")
+    p.add_argument("--prefill-budget", type=int, default=2048,
+                   help="prompt tokens prefilled per scheduler step (at least one chunk call runs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -361,7 +363,7 @@ def main(argv=None) -> int:
     from qwen35_jax.sharding import make_mesh
 
     args = build_parser().parse_args(argv)
-    for name in ("max_batch", "max_len", "decode_steps", "prefill_chunk", "port"):
+    for name in ("max_batch", "max_len", "decode_steps", "prefill_chunk", "prefill_budget", "port"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     if args.prefix_cache_bytes < 0 or args.max_queue < 0:
@@ -372,7 +374,7 @@ def main(argv=None) -> int:
     name = args.served_model_name or Path(args.model).resolve().name
     print(f"compiling (max batch {args.max_batch}, max len {args.max_len}) ...", file=sys.stderr, flush=True)
     core = EngineCore(engine, max_batch=args.max_batch, max_queue=args.max_queue, decode_steps=args.decode_steps,
-                      prefix_cache_bytes=args.prefix_cache_bytes).start()
+                      prefix_cache_bytes=args.prefix_cache_bytes, prefill_budget=args.prefill_budget).start()
     app = create_app(core, engine, name)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run()
