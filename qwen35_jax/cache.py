@@ -1,6 +1,8 @@
 """The decode state: a pytree stacked like the layers, with static shapes so decoding never recompiles.
 
     {"lengths": int32 [B],                         tokens already in the state, per row
+     "rope_deltas": int32 [B],                     mRoPE position minus token index for the tokens that follow
+                                                   (0 for text; set by a multimodal prefill, HF's `rope_deltas`)
      "layers": [one dict per layer of the period],  each leaf with a leading [num_periods] axis when scanned
         attention layer: {"k", "v": [B, max_len, kv_heads, head_dim]}        post-norm, post-RoPE keys
         GDN layer:       {"conv_q", "conv_k": [B, K-1, key_heads, dk], "conv_v": [B, K-1, heads, dv],
@@ -36,7 +38,8 @@ def decode_state_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> di
     def stacked(s):
         return jax.ShapeDtypeStruct((cfg.num_periods, *s.shape), s.dtype) if stack else s
     layers = [jax.tree.map(stacked, layer_state_shapes(cfg, t, batch, max_len, dtype)) for t in cfg.period]
-    return {"lengths": jax.ShapeDtypeStruct((batch,), jnp.int32), "layers": layers}
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return {"lengths": rows, "rope_deltas": rows, "layers": layers}
 
 
 STATE_AXES = {  # logical axis names of each decode-state leaf (for the sharding rules)
@@ -51,7 +54,7 @@ def decode_state_axes(cfg: ModelConfig) -> dict:
     stack = ("layers",) if cfg.num_periods > 1 else ()
     layers = [{name: stack + STATE_AXES[name] for name in layer_state_shapes(cfg, t, 1, 1, jnp.float32)}
               for t in cfg.period]
-    return {"lengths": ("batch",), "layers": layers}
+    return {"lengths": ("batch",), "rope_deltas": ("batch",), "layers": layers}
 
 
 def decode_state_shardings(cfg: ModelConfig, batch: int, max_len: int, dtype, mesh) -> dict:

@@ -62,7 +62,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The ViT encoder's shape (stored so checkpoints round-trip; the encoder itself is a later issue)."""
+    """The ViT encoder's shape (`qwen35_jax.vision.encoder`) and the multimodal token ids (top-level fields of
+    an HF config, kept here because only a model with a vision tower uses them)."""
 
     depth: int = 27
     hidden_size: int = 1152
@@ -75,6 +76,13 @@ class VisionConfig:
     temporal_patch_size: int = 2
     out_hidden_size: int = 1152
     num_position_embeddings: int = 2304
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
+
+
+VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +166,7 @@ class ModelConfig:
             text["tie_word_embeddings"] = top["tie_word_embeddings"]
         kwargs = _text_kwargs(text, where)
         if isinstance(top.get("vision_config"), dict):
-            kwargs["vision"] = _vision_config(top["vision_config"], where)
+            kwargs["vision"] = _vision_config(top["vision_config"], where, top)
         runtime = sorted(set(overrides) & set(RUNTIME_OPTIONS))
         if runtime:
             name = runtime[0]
@@ -198,8 +206,10 @@ class ModelConfig:
             "architectures": ["Qwen3_5MoeForConditionalGeneration" if self.is_moe
                               else "Qwen3_5ForConditionalGeneration"],
             "model_type": kind, "tie_word_embeddings": self.tie_word_embeddings,
+            **{k: getattr(self.vision, k) for k in VISION_TOKEN_FIELDS},
             "text_config": text,
-            "vision_config": {"model_type": kind, **dataclasses.asdict(self.vision)},
+            "vision_config": {"model_type": kind, **{k: v for k, v in dataclasses.asdict(self.vision).items()
+                                                     if k not in VISION_TOKEN_FIELDS}},
         }
 
 
@@ -272,10 +282,13 @@ def _same(value, supported) -> bool:
     return value == supported
 
 
-def _vision_config(vision: dict, where: str) -> VisionConfig:
+def _vision_config(vision: dict, where: str, top: dict) -> VisionConfig:
+    """The vision_config dict's encoder fields plus the top-level multimodal token ids."""
     _check_fixed(vision, FIXED_VISION_FIELDS, where, prefix="vision_config.")
-    names = {f.name for f in dataclasses.fields(VisionConfig)}
-    return VisionConfig(**{k: v for k, v in vision.items() if k in names})
+    names = {f.name for f in dataclasses.fields(VisionConfig)} - set(VISION_TOKEN_FIELDS)
+    kwargs = {k: v for k, v in vision.items() if k in names}
+    kwargs.update({k: top[k] for k in VISION_TOKEN_FIELDS if k in top})
+    return VisionConfig(**kwargs)
 
 
 def validate(c: ModelConfig) -> None:

@@ -47,6 +47,33 @@ def build_hf_model(source: str | dict, seed: int = 0, dtype=torch.float32, **ove
     return model
 
 
+TINY_VISION = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=64)
+TINY_VISION_TOKENS = dict(vision_start_token_id=250, vision_end_token_id=251, image_token_id=252, video_token_id=253)
+
+
+def build_hf_multimodal(source: str | dict, seed: int = 0, vision: dict | None = None, **overrides):
+    """A seeded random HF `Qwen3_5(Moe)ForConditionalGeneration` in float32 eval mode: the text model of
+    `source` (a text preset) with a small vision tower (TINY_VISION, out_hidden_size = the text hidden size)
+    and the multimodal token ids of TINY_VISION_TOKENS (inside a tiny preset's vocabulary). Norm weights and
+    dt_bias are randomised as in `build_hf_model`, the vision LayerNorms too."""
+    from transformers import (Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
+                              Qwen3_5MoeForConditionalGeneration)
+    text = hf_text_config(source, **overrides)
+    moe = bool(getattr(text, "num_experts", 0))
+    vision_cfg = {**TINY_VISION, "out_hidden_size": text.hidden_size, **(vision or {})}
+    config_cls, model_cls = ((Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if moe
+                             else (Qwen3_5Config, Qwen3_5ForConditionalGeneration))
+    config = config_cls(text_config=text.to_dict(), vision_config=vision_cfg, **TINY_VISION_TOKENS,
+                        tie_word_embeddings=text.tie_word_embeddings)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("dt_bias") or "norm" in name and "visual" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def save_hf_model(model, folder: Path, max_shard_size: str | None = None) -> Path:
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)

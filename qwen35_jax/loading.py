@@ -6,11 +6,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qwen35_jax.checkpoint.hf_loader import load_hf
-from qwen35_jax.checkpoint.orbax_io import is_orbax_checkpoint, load_orbax, read_metadata
-from qwen35_jax.checkpoint.safetensors_io import CheckpointError
+from qwen35_jax.checkpoint.orbax_io import is_orbax_checkpoint, load_extras, load_orbax, read_metadata
+from qwen35_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFolder
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.precision import compute_dtype as policy_compute_dtype
@@ -52,6 +53,34 @@ def load_model(path: str | Path, dtype="float32", mesh: jax.sharding.Mesh | None
                               "and *.safetensors)")
     model = cast_model(load_hf(path, storage, ModelConfig.from_hf(path, scan_layers=scan_layers)), compute)
     return model if mesh is None else shard_model(model, mesh)
+
+
+def load_vision_tower(path: str | Path, dtype="float32", mesh: jax.sharding.Mesh | None = None,
+                      compute_dtype=None):
+    """The checkpoint's vision encoder (`qwen35_jax.vision.encoder.VisionEncoder`, from its `model.visual.*`
+    tensors; every one consumed, none missing) or None when its config has no vision tower. dtype /
+    compute_dtype / mesh as in `load_model`. A config with a vision tower but no vision tensors is an error."""
+    from qwen35_jax.vision.weights import PREFIX, load_vision
+    path = Path(path)
+    orbax = is_orbax_checkpoint(path)
+    cfg = (ModelConfig.from_dict(read_metadata(path)["config"], where=str(path)) if orbax
+           else ModelConfig.from_hf(path))
+    if cfg.vision is None:
+        return None
+    if orbax:
+        tensors = load_extras(path, PREFIX)
+    else:
+        folder = SafetensorsFolder(path)
+        tensors = {n: folder.get(n) for n in folder.names() if n.startswith(PREFIX)}
+    if not tensors:
+        raise CheckpointError(f"{path}: config.json has a vision_config but the checkpoint holds no {PREFIX}* "
+                              "tensors")
+    storage = resolve_dtype(dtype)
+    platform = None if mesh is None else mesh.devices.flat[0].platform
+    compute = policy_compute_dtype(storage, platform) if compute_dtype is None else resolve_dtype(compute_dtype)
+    tensors = {n: np.asarray(jnp.asarray(t, storage)) for n, t in tensors.items()}  # round to the storage dtype
+    encoder = load_vision(tensors, cfg.vision, compute)
+    return encoder if mesh is None else shard_model(encoder, mesh)
 
 
 def cast_model(model: Qwen35, dtype) -> Qwen35:

@@ -16,7 +16,7 @@ from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpo
                                        get_vision_position_ids)
 
 from qwen35_jax.checkpoint.safetensors_io import CheckpointError
-from qwen35_jax.config import VisionConfig
+from qwen35_jax.config import VISION_TOKEN_FIELDS, VisionConfig
 from qwen35_jax.loading import shard_model
 from qwen35_jax.sharding import make_mesh, variable_sharding
 from qwen35_jax.vision.geometry import vision_geometry
@@ -52,7 +52,8 @@ def as_checkpoint(model: Qwen3_5VisionModel) -> dict[str, np.ndarray]:
 
 
 def ours_config(model: Qwen3_5VisionModel) -> VisionConfig:
-    return VisionConfig(**{f.name: getattr(model.config, f.name) for f in dataclasses.fields(VisionConfig)})
+    return VisionConfig(**{f.name: getattr(model.config, f.name) for f in dataclasses.fields(VisionConfig)
+                           if f.name not in VISION_TOKEN_FIELDS})
 
 
 def random_pixels(grid, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -232,6 +232,23 @@ def load_orbax(path: str | Path, dtype=jnp.float32, mesh=None, cfg: ModelConfig 
     return nnx.merge(graphdef, state)
 
 
+def load_extras(path: str | Path, prefix: str) -> dict[str, np.ndarray]:
+    """{HF name: host array} of the tensors carried under "extra" whose names start with `prefix` (vision and
+    MTP tensors, as stored: float32 or bfloat16); {} when there are none."""
+    path = orbax_path(path)
+    stored = _stored_tree(path)
+    names = [n for n in stored.get("extra", {}) if n.startswith(prefix)]
+    if not names:
+        return {}
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    wanted = {n: jax.ShapeDtypeStruct(stored["extra"][n].shape, stored["extra"][n].dtype, sharding=host)
+              for n in names}
+    others = {n: ocp.PLACEHOLDER for n in stored["extra"] if n not in wanted}
+    tree = ocp.load_pytree(path, {"params": jax.tree.map(lambda _: ocp.PLACEHOLDER, stored["params"]),
+                                  "extra": wanted | others})
+    return {n: np.asarray(tree["extra"][n]) for n in names}
+
+
 @functools.lru_cache(maxsize=None)
 def _stacker(sharding):
     """One jitted `stack` per target sharding (jit then caches per shape)."""

@@ -64,23 +64,25 @@ class Qwen35(nnx.Module):
 
     @_under_precision_policy
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                      moe_backend: str = "auto") -> jax.Array:
+                      moe_backend: str = "auto", embeds: jax.Array | None = None) -> jax.Array:
         """input_ids: int [B, L] -> final-normed hidden states [B, L, H] (no decode state).
-        moe_backend: the grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`; "auto": blocked on CPU)."""
-        return self.train_hidden_states(input_ids, positions, moe_backend=moe_backend)[0]
+        moe_backend: the grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`; "auto": blocked on CPU);
+        embeds: [B, L, H] input embeddings in place of the token embeddings (multimodal)."""
+        return self.train_hidden_states(input_ids, positions, moe_backend=moe_backend, embeds=embeds)[0]
 
     @_under_precision_policy
     def train_hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                             segment_ids: jax.Array | None = None, router_stats: bool = False,
                             remat: str = "none", moe_backend: str = "auto", period_transform=None,
-                            period_extra=None):
+                            period_extra=None, embeds: jax.Array | None = None):
         """The training forward. input_ids: int [B, L]; positions: int [B, L] or [3, B, L] (default 0..L-1);
         segment_ids: int [B, L] or None: packed documents (attention stays within a segment, GDN conv and
         recurrent states restart at each segment start; id 0 marks padding, which no router stat counts).
         remat: "none", "full" or "dots" (`nn.decoder.REMAT_POLICIES`), applied to each decoder period;
         moe_backend: the grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`); period_transform, period_extra:
         a per-period parameter transform run inside the layer scan (`nn.decoder.Decoder.__call__`; a trainer's
-        cast / LoRA merge), the embeddings, final norm and lm_head being used as they are.
+        cast / LoRA merge), the embeddings, final norm and lm_head being used as they are; embeds: [B, L, H]
+        input embeddings in place of the token embeddings (multimodal: vision features scattered in).
 
         Returns (final-normed hidden states [B, L, H], router stats summed over MoE layers or None): see
         `ops.moe.router_stats`; requested by router_stats=True and only for MoE models.
@@ -96,30 +98,38 @@ class Qwen35(nnx.Module):
         if router_stats:
             token_mask = jnp.ones((batch, seq)) if segment_ids is None else (segment_ids != 0)
         ctx = Context(cos, sin, mask, segment_ids=segment_ids, token_mask=token_mask, moe_backend=moe_backend)
-        x, _, stats = self.decoder(self.embed(input_ids), ctx, remat=remat, period_transform=period_transform,
+        x = self.embed(input_ids) if embeds is None else embeds
+        x, _, stats = self.decoder(x, ctx, remat=remat, period_transform=period_transform,
                                    period_extra=period_extra)
         return self.norm(x), stats
 
     @_under_precision_policy
     def forward_with_state(self, input_ids: jax.Array, state: dict, n_valid: jax.Array | None = None,
-                           moe_backend: str = "auto") -> tuple[jax.Array, dict]:
+                           moe_backend: str = "auto", embeds: jax.Array | None = None,
+                           positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Continues a decode state (qwen35_jax.cache) with new tokens.
 
         input_ids: int [B, T], row b holding n_valid[b] real tokens then right padding (n_valid None: all
-        real). Token t of row b sits at position state["lengths"][b] + t. Returns (final-normed hidden
-        states [B, T, H], new state with lengths += n_valid); padding never enters the state. moe_backend: the
-        grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`).
+        real). Token t of row b sits at cache index state["lengths"][b] + t and, unless `positions` is given,
+        at rotary position that index + state["rope_deltas"][b]. Returns (final-normed hidden states
+        [B, T, H], new state with lengths += n_valid); padding never enters the state. moe_backend: the
+        grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`); embeds: [B, T, H] input embeddings in place of
+        the token embeddings (a multimodal prefill's, vision features scattered in); positions: int [3, B, T]
+        mRoPE positions (qwen35_jax.vision.rope_index) in place of the default ones.
         """
         batch, seq = input_ids.shape
         starts = state["lengths"]
         n_valid = jnp.full((batch,), seq, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
-        positions = starts[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+        index = starts[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+        if positions is None:
+            positions = index + state["rope_deltas"][:, None]
         cos, sin = self.rope(positions)
         max_len = state_max_len(state)
-        mask = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
+        mask = jnp.arange(max_len)[None, None, :] <= index[:, :, None]
         ctx = Context(cos, sin, mask, starts, n_valid, moe_backend=moe_backend)
-        x, layers, _ = self.decoder(self.embed(input_ids), ctx, state["layers"])
-        return self.norm(x), {"lengths": starts + n_valid, "layers": layers}
+        x = self.embed(input_ids) if embeds is None else embeds
+        x, layers, _ = self.decoder(x, ctx, state["layers"])
+        return self.norm(x), {"lengths": starts + n_valid, "rope_deltas": state["rope_deltas"], "layers": layers}
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0)
@@ -134,8 +144,8 @@ class Qwen35(nnx.Module):
 
     @_under_precision_policy
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 moe_backend: str = "auto") -> jax.Array:
-        return self.logits(self.hidden_states(input_ids, positions, moe_backend))
+                 moe_backend: str = "auto", embeds: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids, positions, moe_backend, embeds))
 
 
 def unstack_layers(model: Qwen35) -> Qwen35:

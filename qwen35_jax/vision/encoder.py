@@ -224,13 +224,24 @@ class VisionEncoder(nnx.Module):
 
     def encode(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> jax.Array:
         """pixel_values [sum t*h*w, C*T*P*P] of images/videos with grids grid_thw [n, 3], concatenated in
-        order -> [sum t*h*w / merge_size**2, out_hidden_size] (jitted; one compile per patch count)."""
-        geometry = vision_geometry(grid_thw, self.config)
-        if pixel_values.shape[0] != geometry.n_valid:
+        order -> [sum t*h*w / merge_size**2, out_hidden_size]. Jitted on the patch count rounded up to a power
+        of two (`patch_bucket`), so a new image size compiles only when it reaches a new bucket."""
+        n_valid = int(np.prod(np.reshape(grid_thw, (-1, 3)), axis=1).sum())
+        if pixel_values.shape[0] != n_valid:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw "
-                             f"{np.asarray(grid_thw).tolist()} has {geometry.n_valid} patches")
+                             f"{np.asarray(grid_thw).tolist()} has {n_valid} patches")
+        bucket = patch_bucket(n_valid)
+        geometry = vision_geometry(grid_thw, self.config, pad_to=bucket)
+        padded = np.zeros((bucket, pixel_values.shape[1]), np.float32)
+        padded[:n_valid] = pixel_values
         graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, jnp.asarray(pixel_values), *map(jnp.asarray, geometry.arrays()))
+        merged = _jitted_forward(graphdef, state, jax.device_put(padded), *map(jax.device_put, geometry.arrays()))
+        return merged[:n_valid // self.config.spatial_merge_size ** 2]
+
+
+def patch_bucket(n: int, smallest: int = 64) -> int:
+    """The padded patch count the encoder compiles for: the next power of two >= max(n, smallest)."""
+    return max(smallest, 1 << (max(n, 1) - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnums=0)
