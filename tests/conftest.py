@@ -34,11 +34,26 @@ def hf_checkpoint(tmp_path_factory):
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Qwen3.5 mixes Gated DeltaNet and attention.",
           "Ünïcödé text: naïve café, 東京, emoji 🚀 and 12345 digits.", "def f(x):\n    return x + 1\n"] * 20
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
 
 # A ChatML template in the style of Qwen3.5's (system, tools, reasoning kept after the last user turn,
-# thinking switch in the generation prompt).
-TEMPLATE = """{%- if tools %}<|im_start|>system
+# thinking switch in the generation prompt). Content lists are rendered as Qwen3.5's `render_content` does: an image
+# part (type image, or an image / image_url key) -> <|vision_start|><|image_pad|><|vision_end|>, a video part the
+# same with <|video_pad|>, text parts concatenated; any other content is printed as is.
+TEMPLATE = """{%- macro render_content(content) %}
+{%- if content is iterable and content is not string and content is not mapping %}
+{%- for item in content %}
+{%- if 'image' in item or 'image_url' in item or item.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>
+{%- elif 'video' in item or item.type == 'video' %}<|vision_start|><|video_pad|><|vision_end|>
+{%- elif 'text' in item %}{{ item.text }}
+{%- else %}{{ raise_exception('Unexpected item type in content.') }}
+{%- endif %}
+{%- endfor %}
+{%- else %}{{ content }}
+{%- endif %}
+{%- endmacro %}
+{%- if tools %}<|im_start|>system
 # Tools
 <tools>{% for t in tools %}
 {{ t | tojson }}{% endfor %}
@@ -53,10 +68,10 @@ TEMPLATE = """{%- if tools %}<|im_start|>system
 {{ m.reasoning_content }}
 </think>
 
-{% endif %}{{ m.content }}<|im_end|>
+{% endif %}{{ render_content(m.content) }}<|im_end|>
 {% else %}
 <|im_start|>{{ m.role }}
-{{ m.content }}<|im_end|>
+{{ render_content(m.content) }}<|im_end|>
 {% endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}<|im_start|>assistant
