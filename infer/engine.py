@@ -2,6 +2,7 @@
 
     engine = Engine.load("path/to/checkpoint", dtype="float32", max_len=4096)
     results = engine.generate(["Hello", [1, 2, 3]], SamplingParams.greedy(max_new_tokens=32))
+    results = engine.generate([vision_chat_prompt(engine.tokenizer, messages, engine.config.vision)])  # images
     for event in engine.stream(["Hello"], params): print(event.text, end="")
 """
 
@@ -20,9 +21,12 @@ from flax import nnx
 from infer.sampling import SamplingParams, batch_arrays, sample
 from qwen35_jax.cache import abstract_decode_state, decode_state_shardings, init_decode_state
 from qwen35_jax.checkpoint.orbax_io import ASSETS
-from qwen35_jax.loading import load_model
+from qwen35_jax.loading import load_model, load_vision_tower
 from qwen35_jax.nn.model import state_max_len, unstack_layers
 from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer
+from qwen35_jax.vision.encoder import patch_bucket
+from qwen35_jax.vision.multimodal import (VisionPrompt, check_placeholders, embed_multimodal, feature_index,
+                                          prompt_positions, vision_features)
 
 
 @dataclasses.dataclass
@@ -57,11 +61,12 @@ def prefill_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
 
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer | None = None, max_len: int = 4096, prefill_chunk: int = 512,
-                 mesh: jax.sharding.Mesh | None = None, moe_backend: str = "auto"):
+                 mesh: jax.sharding.Mesh | None = None, moe_backend: str = "auto", vision=None):
         if max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"max_len={max_len} must be >= 2 and prefill_chunk={prefill_chunk} >= 1")
         model = unstack_layers(model)  # decoding reads unstacked layers (see nn.decoder.Decoder)
         self.model, self.tokenizer = model, tokenizer
+        self.vision = vision  # qwen35_jax.vision.encoder.VisionEncoder (None: text prompts only)
         self.config = model.config
         self.max_len, self.prefill_chunk = max_len, prefill_chunk
         self.graphdef, self.params = nnx.split(model)
@@ -144,12 +149,13 @@ class Engine:
         qwen35_jax.sharding, the MoE runs expert-parallel under shard_map, and XLA inserts the other
         collectives; the decode state is sharded like its batch and heads (`init_state`)."""
         model = load_model(path, dtype=dtype, mesh=mesh, scan_layers=False, compute_dtype=compute_dtype)
+        vision = load_vision_tower(path, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype)
         if tokenizer is None:  # an HF folder holds its tokenizer; a converted checkpoint keeps it in assets/
             tokenizer = next((Tokenizer.load(d) for d in (Path(path), Path(path) / ASSETS)
                               if any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model"))), None)
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.load(tokenizer)
-        return cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh)
+        return cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh, vision=vision)
 
     # ---- jitted steps --------------------------------------------------------------------------
     def _in_mesh(self, fn):
@@ -162,11 +168,20 @@ class Engine:
                 return fn(*args)
         return run
 
-    def _prefill_fn(self, params, state, tokens, n_valid):
-        """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state)."""
+    def _prefill_fn(self, params, state, tokens, n_valid, vision=None):
+        """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state).
+
+        vision (multimodal prompts): (positions int [3, B, C] mRoPE, index int [B, C] into features [F, H]
+        (-1: a text token), rope_deltas int [B] stored for decoding), see `_vision_chunks`."""
         self.prefill_traces += 1
         model = nnx.merge(self.graphdef, params)
-        hidden, state = model.forward_with_state(tokens, state, n_valid, moe_backend=self.moe_backend)
+        embeds = positions = None
+        if vision is not None:
+            positions, index, features, rope_deltas = vision
+            embeds = embed_multimodal(model, tokens, index, features)
+            state = {**state, "rope_deltas": rope_deltas}
+        hidden, state = model.forward_with_state(tokens, state, n_valid, moe_backend=self.moe_backend,
+                                                 embeds=embeds, positions=positions)
         state = self._placed(state)
         last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
         return model.logits(last).astype(jnp.float32), state
@@ -198,7 +213,8 @@ class Engine:
     # ---- user API ------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  state: dict | None = None) -> list[GenerationResult]:
-        """One result per prompt (strings need a tokenizer; token-id lists work without one).
+        """One result per prompt (strings need a tokenizer; token-id lists work without one; a
+        `qwen35_jax.vision.multimodal.VisionPrompt` carries images and videos, see `vision.chat`).
 
         `tokens_per_second` is generated tokens over the wall time of the whole call (prefill included).
         """
@@ -210,7 +226,8 @@ class Engine:
             texts[event.index] += event.text
             reasons[event.index] = event.finish_reason
         elapsed = max(time.perf_counter() - start, 1e-9)
-        return [GenerationResult(p, t, x, r, len(t) / elapsed) for p, t, x, r in zip(prompt_ids, tokens, texts, reasons)]
+        return [GenerationResult(_token_ids(p), t, x, r, len(t) / elapsed)
+                for p, t, x, r in zip(prompt_ids, tokens, texts, reasons)]
 
     def stream(self, prompts, params=None, state: dict | None = None) -> Iterator[StreamEvent]:
         """Yields a StreamEvent per generated token; text deltas never split a multi-byte character.
@@ -241,7 +258,7 @@ class Engine:
         vocab = self.config.vocab_size
         seen = np.zeros((batch, vocab), bool)
         for i, ids in enumerate(prompt_ids):
-            seen[i, ids] = True
+            seen[i, _token_ids(ids)] = True
         counts, seen = jnp.zeros((batch, vocab), jnp.int32), jnp.asarray(seen)
         token, counts, seen = self._first_sample(logits, counts, seen, sampling, 0)
         yield from self._decode_loop(params, state, token, counts, seen, sampling)
@@ -264,10 +281,13 @@ class Engine:
                                                       jnp.asarray(active), sampling, step)
             self.last_state = state
 
-    def _run_prefill(self, prompt_ids, state):
-        """Chunked prefill of every row; returns (logits [B, V] after each row's prompt, state)."""
+    def _run_prefill(self, prompts, state):
+        """Chunked prefill of every row; returns (logits [B, V] after each row's prompt, state). prompts: token-id
+        lists and `VisionPrompt`s (those rows get their vision features and mRoPE positions)."""
+        prompt_ids = [_token_ids(p) for p in prompts]
         batch = len(prompt_ids)
         longest = max(len(ids) for ids in prompt_ids)
+        vision = self._vision_inputs(prompts, state)
         logits = None
         for offset, chunk in prefill_chunks(0, longest, self.prefill_chunk):
             tokens = np.zeros((batch, chunk), np.int32)
@@ -276,13 +296,32 @@ class Engine:
                 piece = ids[offset:offset + chunk]
                 tokens[i, :len(piece)] = piece
                 n_valid[i] = len(piece)
-            chunk_logits, state = self._prefill(self.params, state, jnp.asarray(tokens), jnp.asarray(n_valid))
+            extra = () if vision is None else (vision.chunk(offset, chunk),)
+            chunk_logits, state = self._prefill(self.params, state, jnp.asarray(tokens), jnp.asarray(n_valid),
+                                                *extra)
             ends_here = jnp.asarray((n_valid > 0) & (offset + n_valid == np.array([len(p) for p in prompt_ids])))
             logits = chunk_logits if logits is None else jnp.where(ends_here[:, None], chunk_logits, logits)
         return logits, state
 
-    def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
+    def _vision_inputs(self, prompts, state) -> _VisionRows | None:
+        """The host-side vision inputs of a batch holding at least one VisionPrompt with images or videos
+        (each prompt's encoder run once), else None."""
+        if not any(isinstance(p, VisionPrompt) and (p.images or p.videos) for p in prompts):
+            return None
+        if self.vision is None:
+            raise ValueError("a prompt has images or videos but this engine has no vision encoder (load a "
+                             "checkpoint with a vision tower: model.visual.* tensors)")
+        return _VisionRows(prompts, self.vision, self.config.vision, np.asarray(state["lengths"]),
+                           np.asarray(state["rope_deltas"]))
+
+    def _prompt_ids(self, prompt) -> list[int] | VisionPrompt:
+        """Token ids of a prompt (a string, token ids, or a VisionPrompt, returned as it is once checked)."""
+        if isinstance(prompt, VisionPrompt):
+            if self.config.vision is None:
+                raise ValueError("a VisionPrompt needs a model with a vision config")
+            check_placeholders(prompt, self.config.vision)
+            ids = prompt.token_ids
+        elif isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer: load a folder with tokenizer.json or pass "
                                  "token-id lists")
@@ -294,7 +333,52 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        return ids
+        return prompt if isinstance(prompt, VisionPrompt) else ids
+
+
+def _token_ids(prompt) -> list[int]:
+    """The token ids of a checked prompt (a token-id list or a VisionPrompt)."""
+    return list(prompt.token_ids) if isinstance(prompt, VisionPrompt) else prompt
+
+
+class _VisionRows:
+    """A batch's vision inputs on the host: per row, the mRoPE positions continuing the row's state (its length
+    plus its rope delta), the feature index into one table of every row's vision features (zero-padded to a
+    power-of-two row count, so new image sizes rarely recompile), and the rope delta decoding continues with."""
+
+    def __init__(self, prompts, encoder, vcfg, lengths: np.ndarray, deltas: np.ndarray):
+        longest = max(len(p) for p in prompts)
+        self.positions = np.zeros((3, len(prompts), longest), np.int32)
+        self.index = np.full((len(prompts), longest), -1, np.int32)
+        self.rope_deltas = deltas.astype(np.int32).copy()
+        tables, rows = [], 0
+        for i, prompt in enumerate(prompts):
+            start = int(lengths[i] + deltas[i])
+            if isinstance(prompt, VisionPrompt):
+                positions, delta = prompt_positions(prompt, vcfg)
+                features = vision_features(encoder, prompt)
+                if features is not None:
+                    index = feature_index(prompt, vcfg)
+                    self.index[i, :len(prompt)] = np.where(index >= 0, index + rows, -1)
+                    tables.append(features)
+                    rows += len(features)
+                self.rope_deltas[i] += delta
+            else:
+                positions = np.broadcast_to(np.arange(len(prompt), dtype=np.int32), (3, len(prompt)))
+            self.positions[:, i, :len(prompt)] = positions + start
+        table = np.concatenate(tables)
+        self.features = np.zeros((patch_bucket(len(table)), table.shape[1]), np.float32)
+        self.features[:len(table)] = table
+
+    def chunk(self, offset: int, width: int) -> tuple:
+        """(positions [3, B, width], index [B, width], features, rope_deltas) of the chunk at `offset`
+        (`Engine._prefill_fn`'s vision argument), padding positions past each row's prompt."""
+        positions = np.zeros(self.positions.shape[:2] + (width,), np.int32)
+        index = np.full((self.index.shape[0], width), -1, np.int32)
+        piece = self.positions[:, :, offset:offset + width]
+        positions[:, :, :piece.shape[2]] = piece
+        index[:, :piece.shape[2]] = self.index[:, offset:offset + width]
+        return tuple(jax.device_put(x) for x in (positions, index, self.features, self.rope_deltas))
 
 
 class _Row:

@@ -1,13 +1,13 @@
 """A multimodal prompt on the text model: vision features scattered into the token embeddings, mRoPE positions.
 
     prompt = VisionPrompt(token_ids, images=process_images([...]), videos=process_videos([...]))
-    features = vision_features(encoder, prompt)          # computed once per request
-    embeds = scatter_features(model, ids [1, L], features, vcfg)
+    features = vision_features(encoder, prompt)          # [F, H], computed once per request
+    embeds = embed_multimodal(model, ids [1, L], feature_index(prompt, vcfg)[None], features)
     positions, rope_delta = prompt_positions(prompt, vcfg)
 
-`token_ids` already hold the expanded placeholders (`expand_placeholders`, or a chat template's image / video
-content parts followed by `expand_placeholders`): one run of `<|image_pad|>` per image (t*h*w/4 tokens), one run
-of `<|video_pad|>` per temporal group of each video, each after its `<t seconds><|vision_start|>`.
+`token_ids` already hold the expanded placeholders (`vision.chat.expand_vision_placeholders`, or
+`vision.chat.vision_chat_prompt` from chat messages): one run of `<|image_pad|>` per image (t*h*w/4 tokens), one
+run of `<|video_pad|>` per temporal group of each video, each after its `<t seconds><|vision_start|>`.
 """
 
 from __future__ import annotations
@@ -38,14 +38,6 @@ class VisionPrompt:
         return len(self.token_ids)
 
 
-@dataclasses.dataclass(frozen=True)
-class VisionFeatures:
-    """The encoder's outputs of one prompt: image and video tokens [n, out_hidden_size] (None when absent)."""
-
-    images: jax.Array | None
-    videos: jax.Array | None
-
-
 def _grid(processed: ProcessedVision | None) -> np.ndarray:
     return np.zeros((0, 3), np.int64) if processed is None else np.reshape(processed.grid_thw, (-1, 3))
 
@@ -56,30 +48,30 @@ def prompt_positions(prompt: VisionPrompt, vcfg: VisionConfig) -> tuple[np.ndarr
                            _grid(prompt.videos), vcfg.spatial_merge_size)
 
 
-def vision_features(encoder, prompt: VisionPrompt) -> VisionFeatures:
-    """Runs the encoder once over the prompt's images and once over its videos."""
-    def encode(processed):
-        return None if processed is None else encoder.encode(processed.pixel_values, processed.grid_thw)
-    return VisionFeatures(encode(prompt.images), encode(prompt.videos))
+def vision_features(encoder, prompt: VisionPrompt) -> np.ndarray | None:
+    """The encoder's outputs for the prompt, computed once: float32 [F, out_hidden_size], the image tokens then
+    the video tokens in prompt order (None without images or videos)."""
+    parts = [np.asarray(encoder.encode(p.pixel_values, p.grid_thw), np.float32)
+             for p in (prompt.images, prompt.videos) if p is not None]
+    return np.concatenate(parts) if parts else None
 
 
-def _scatter(embeds: jax.Array, mask: jax.Array, features: jax.Array) -> jax.Array:
-    """embeds [B, L, H] with the rows where mask [B, L] is True replaced, in row-major order, by features [N, H]."""
-    flat = mask.reshape(-1)
-    index = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1)
-    gathered = jnp.take(features.astype(embeds.dtype), index, axis=0).reshape(embeds.shape)
-    return jnp.where(mask[..., None], gathered, embeds)
+def feature_index(prompt: VisionPrompt, vcfg: VisionConfig) -> np.ndarray:
+    """int32 [L]: for each token, its row of `vision_features` (the k-th image placeholder takes image token k,
+    the k-th video placeholder video token k), -1 for a text token (HF's masked scatter, per prompt)."""
+    ids = np.asarray(prompt.token_ids)
+    index = np.full(ids.shape, -1, np.int32)
+    image, video = ids == vcfg.image_token_id, ids == vcfg.video_token_id
+    index[image] = np.arange(image.sum())
+    index[video] = image.sum() + np.arange(video.sum())
+    return index
 
 
-def scatter_features(embeds: jax.Array, input_ids: jax.Array, features: VisionFeatures,
-                     vcfg: VisionConfig) -> jax.Array:
-    """HF's masked scatter: image (video) features replace, in order, the embeddings of the image (video)
-    placeholder tokens. embeds [B, L, H]; input_ids int [B, L]. The counts are checked by the caller
-    (`check_placeholders`); inside jit a short feature array repeats its last row."""
-    for token_id, rows in ((vcfg.image_token_id, features.images), (vcfg.video_token_id, features.videos)):
-        if rows is not None:
-            embeds = _scatter(embeds, input_ids == token_id, rows)
-    return embeds
+def embed_multimodal(model, input_ids: jax.Array, index: jax.Array, features: jax.Array) -> jax.Array:
+    """Token embeddings [B, L, H] with vision features [F, H] in place where index int [B, L] >= 0."""
+    embeds = model.embed(input_ids)
+    picked = jnp.take(features.astype(embeds.dtype), jnp.maximum(index, 0), axis=0)
+    return jnp.where((index >= 0)[..., None], picked, embeds)
 
 
 def check_placeholders(prompt: VisionPrompt, vcfg: VisionConfig) -> None:
@@ -102,6 +94,8 @@ def multimodal_logits(model, encoder, prompt: VisionPrompt) -> jax.Array:
     vcfg = model.config.vision
     check_placeholders(prompt, vcfg)
     ids = jnp.asarray(np.asarray(prompt.token_ids, np.int32)[None])
-    embeds = scatter_features(model.embed(ids), ids, vision_features(encoder, prompt), vcfg)
+    features = vision_features(encoder, prompt)
+    embeds = model.embed(ids) if features is None else embed_multimodal(
+        model, ids, jnp.asarray(feature_index(prompt, vcfg)[None]), jnp.asarray(features))
     positions, _ = prompt_positions(prompt, vcfg)
     return model(ids, positions=jnp.asarray(positions)[:, None, :], embeds=embeds)
