@@ -2,7 +2,8 @@
 
     engine = Engine.load("path/to/checkpoint", dtype="float32", max_len=4096)
     results = engine.generate(["Hello", [1, 2, 3]], SamplingParams.greedy(max_new_tokens=32))
-    results = engine.generate([vision_chat_prompt(engine.tokenizer, messages, engine.config.vision)])  # images
+    results = engine.generate([engine.vision_prompt(messages=[{"role": "user", "content": [
+        {"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is this?"}]}])])
     for event in engine.stream(["Hello"], params): print(event.text, end="")
 """
 
@@ -24,9 +25,11 @@ from qwen35_jax.checkpoint.orbax_io import ASSETS
 from qwen35_jax.loading import load_model, load_vision_tower
 from qwen35_jax.nn.model import state_max_len, unstack_layers
 from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer
+from qwen35_jax.vision.chat import vision_chat_prompt, vision_text_prompt
 from qwen35_jax.vision.encoder import patch_bucket
 from qwen35_jax.vision.multimodal import (VisionPrompt, check_placeholders, embed_multimodal, feature_index,
                                           prompt_positions, vision_features)
+from qwen35_jax.vision.processing import ImageProcessorConfig, VideoProcessorConfig
 
 
 @dataclasses.dataclass
@@ -67,6 +70,7 @@ class Engine:
         model = unstack_layers(model)  # decoding reads unstacked layers (see nn.decoder.Decoder)
         self.model, self.tokenizer = model, tokenizer
         self.vision = vision  # qwen35_jax.vision.encoder.VisionEncoder (None: text prompts only)
+        self.image_processor, self.video_processor = ImageProcessorConfig(), VideoProcessorConfig()
         self.config = model.config
         self.max_len, self.prefill_chunk = max_len, prefill_chunk
         self.graphdef, self.params = nnx.split(model)
@@ -155,7 +159,23 @@ class Engine:
                               if any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model"))), None)
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.load(tokenizer)
-        return cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh, vision=vision)
+        engine = cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh, vision=vision)
+        engine.image_processor, engine.video_processor = _processor_configs(Path(path))
+        return engine
+
+    def vision_prompt(self, text: str = "", images=(), videos=(), messages: list[dict] | None = None,
+                      video_fps: float | None = None, **template_kwargs) -> VisionPrompt:
+        """A prompt with images and videos for `generate` / `stream`, processed with the checkpoint's processor
+        configs: from chat `messages` (contents with text / image / image_url / video parts, rendered by the
+        chat template with `template_kwargs`), or else the images and videos (paths, PIL images, arrays)
+        placed before the plain `text` (`qwen35_jax.vision.chat`)."""
+        if self.tokenizer is None or self.config.vision is None:
+            raise ValueError("image and video prompts need a tokenizer and a model with a vision tower")
+        if messages is not None:
+            return vision_chat_prompt(self.tokenizer, messages, self.config.vision, self.image_processor,
+                                      self.video_processor, **template_kwargs)
+        return vision_text_prompt(self.tokenizer, text, self.config.vision, images, videos, self.image_processor,
+                                  self.video_processor, video_fps)
 
     # ---- jitted steps --------------------------------------------------------------------------
     def _in_mesh(self, fn):
@@ -336,6 +356,16 @@ class Engine:
         return prompt if isinstance(prompt, VisionPrompt) else ids
 
 
+def _processor_configs(path: Path) -> tuple[ImageProcessorConfig, VideoProcessorConfig]:
+    """The checkpoint's preprocessor_config.json / video_preprocessor_config.json (in the folder or its assets),
+    else the released Qwen3.5 values."""
+    def read(cls, name):
+        found = [d / name for d in (path, path / ASSETS) if (d / name).is_file()]
+        return cls.from_json(found[0]) if found else cls()
+    return (read(ImageProcessorConfig, "preprocessor_config.json"),
+            read(VideoProcessorConfig, "video_preprocessor_config.json"))
+
+
 def _token_ids(prompt) -> list[int]:
     """The token ids of a checked prompt (a token-id list or a VisionPrompt)."""
     return list(prompt.token_ids) if isinstance(prompt, VisionPrompt) else prompt
@@ -344,7 +374,7 @@ def _token_ids(prompt) -> list[int]:
 class _VisionRows:
     """A batch's vision inputs on the host: per row, the mRoPE positions continuing the row's state (its length
     plus its rope delta), the feature index into one table of every row's vision features (zero-padded to a
-    power-of-two row count, so new image sizes rarely recompile), and the rope delta decoding continues with."""
+    `patch_bucket` row count, so new image sizes rarely recompile), and the rope delta decoding continues with."""
 
     def __init__(self, prompts, encoder, vcfg, lengths: np.ndarray, deltas: np.ndarray):
         longest = max(len(p) for p in prompts)

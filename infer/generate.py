@@ -1,6 +1,7 @@
 """Generate text from a checkpoint.
 
     python -m infer.generate --model PATH --prompt TEXT [--prompt TEXT ...] [--chat] [--no-thinking]
+        [--image PATH ...] [--video PATH ...] [--video-fps F]
         [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--json]
     python -m infer.generate --model PATH --interactive        # a chat loop; the decode state is kept
 
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     p.add_argument("--no-thinking", action="store_true", help="chat without the thinking block")
     p.add_argument("--interactive", action="store_true", help="chat loop keeping the decode state")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for every prompt (repeatable; before the prompt text, in the user message "
+                        "with --chat)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video file for every prompt (repeatable; needs the `video` extra: PyAV)")
+    p.add_argument("--video-fps", type=float, default=None,
+                   help="the frame rate of a video whose file gives none (default: 24, as HF assumes)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per prompt at most")
     for name, (kind, text) in SAMPLING_FLAGS.items():
         p.add_argument(f"--{name}", type=kind, default=None, help=text)
@@ -76,9 +84,29 @@ def render(engine: Engine, messages: list[dict], thinking: bool) -> list[int]:
     return engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages, enable_thinking=thinking))
 
 
+def user_content(args, text: str):
+    """A user message's content: the text, or the images and videos first and then the text."""
+    if not (args.image or args.video):
+        return text
+    return ([{"type": "image", "image": path} for path in args.image]
+            + [{"type": "video", "video": path, "fps": args.video_fps} for path in args.video]
+            + [{"type": "text", "text": text}])
+
+
+def build_prompt(engine: Engine, args, text: str):
+    """Token ids (--chat), the text itself, or a VisionPrompt when images or videos are given."""
+    if args.chat:
+        messages = [{"role": "user", "content": user_content(args, text)}]
+        if args.image or args.video:
+            return engine.vision_prompt(messages=messages, enable_thinking=not args.no_thinking)
+        return render(engine, messages, not args.no_thinking)
+    if args.image or args.video:
+        return engine.vision_prompt(text, args.image, args.video, video_fps=args.video_fps)
+    return text
+
+
 def run_batch(engine: Engine, args, params: SamplingParams) -> None:
-    prompts = [render(engine, [{"role": "user", "content": p}], not args.no_thinking) if args.chat else p
-               for p in args.prompt]
+    prompts = [build_prompt(engine, args, p) for p in args.prompt]
     if args.json:
         for prompt, result in zip(args.prompt, engine.generate(prompts, params)):
             print(json.dumps({"prompt": prompt, **dataclasses.asdict(result)}))
@@ -120,6 +148,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.prompt and not args.interactive:
         parser.error("give --prompt TEXT (repeatable) or --interactive")
+    if args.interactive and (args.image or args.video):
+        parser.error("--image / --video go with --prompt, not --interactive")
     params = sampling_from_args(args)
     engine = Engine.load(args.model, dtype=args.dtype, max_len=args.max_len)
     if engine.tokenizer is None:

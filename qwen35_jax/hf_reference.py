@@ -51,10 +51,12 @@ TINY_VISION = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=96, o
 TINY_VISION_TOKENS = dict(vision_start_token_id=250, vision_end_token_id=251, image_token_id=252, video_token_id=253)
 
 
-def build_hf_multimodal(source: str | dict, seed: int = 0, vision: dict | None = None, **overrides):
+def build_hf_multimodal(source: str | dict, seed: int = 0, vision: dict | None = None,
+                        token_ids: dict | None = None, **overrides):
     """A seeded random HF `Qwen3_5(Moe)ForConditionalGeneration` in float32 eval mode: the text model of
     `source` (a text preset) with a small vision tower (TINY_VISION, out_hidden_size = the text hidden size)
-    and the multimodal token ids of TINY_VISION_TOKENS (inside a tiny preset's vocabulary). Norm weights and
+    and the multimodal token ids of TINY_VISION_TOKENS (inside a tiny preset's vocabulary) or `token_ids` (a
+    tokenizer's ids of the four special tokens, keyed like TINY_VISION_TOKENS). Norm weights and
     dt_bias are randomised as in `build_hf_model`, the vision LayerNorms too."""
     from transformers import (Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
                               Qwen3_5MoeForConditionalGeneration)
@@ -63,7 +65,7 @@ def build_hf_multimodal(source: str | dict, seed: int = 0, vision: dict | None =
     vision_cfg = {**TINY_VISION, "out_hidden_size": text.hidden_size, **(vision or {})}
     config_cls, model_cls = ((Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if moe
                              else (Qwen3_5Config, Qwen3_5ForConditionalGeneration))
-    config = config_cls(text_config=text.to_dict(), vision_config=vision_cfg, **TINY_VISION_TOKENS,
+    config = config_cls(text_config=text.to_dict(), vision_config=vision_cfg, **(token_ids or TINY_VISION_TOKENS),
                         tie_word_embeddings=text.tie_word_embeddings)
     torch.manual_seed(seed)
     model = model_cls(config).eval()

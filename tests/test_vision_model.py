@@ -2,6 +2,7 @@
 logits, and the vision tower through loading and conversion."""
 
 import functools
+import json
 import types
 
 import jax
@@ -126,11 +127,11 @@ def test_vision_tower_survives_conversion_round_trip(multimodal_checkpoint, tmp_
     np.testing.assert_array_equal(np.asarray(from_orbax), np.asarray(from_hf))
 
 
-def hf_greedy_multimodal(hf, prompt: VisionPrompt, n: int) -> list[int]:
+def hf_greedy_multimodal(hf, prompt: VisionPrompt, n: int, image_id: int = IMG, video_id: int = VID) -> list[int]:
     """Greedy tokens from a cached loop over HF's forward: the multimodal prompt once, then one token per call
     (HF continues the mRoPE positions from its stored rope_deltas)."""
     ids = torch.as_tensor([prompt.token_ids])
-    kwargs = {"mm_token_type_ids": (ids == IMG).int() + 2 * (ids == VID).int()}
+    kwargs = {"mm_token_type_ids": (ids == image_id).int() + 2 * (ids == video_id).int()}
     for name, processed, pixels_key in (("image", prompt.images, "pixel_values"),
                                         ("video", prompt.videos, "pixel_values_videos")):
         if processed is not None:
@@ -185,3 +186,37 @@ def test_multimodal_on_8_devices_matches_one_device(multimodal_checkpoint):
     params = SamplingParams.greedy(max_new_tokens=12)
     expected = Engine.load(folder, max_len=96).generate([prompt], params)[0].token_ids
     assert Engine.load(folder, max_len=96, mesh=mesh).generate([prompt], params)[0].token_ids == expected
+
+
+def test_generate_cli_with_images(tmp_path, capsys):
+    """`python -m infer.generate --chat --image A --image B --prompt ... --json` on a checkpoint with a real
+    tokenizer: the token ids equal HF's cached greedy loop on the same processed prompt."""
+    from PIL import Image
+
+    from conftest import write_bpe_tokenizer
+    from infer.engine import Engine
+    from infer.generate import main
+    from qwen35_jax.tokenizer import Tokenizer
+    (tmp_path / "tok").mkdir()
+    tokenizer = Tokenizer.load(write_bpe_tokenizer(tmp_path / "tok", vocab_size=300))
+    ids = {"vision_start_token_id": tokenizer.token_id("<|vision_start|>"),
+           "vision_end_token_id": tokenizer.token_id("<|vision_end|>"),
+           "image_token_id": tokenizer.token_id("<|image_pad|>"), "video_token_id": tokenizer.token_id("<|video_pad|>")}
+    hf = build_hf_multimodal("tiny-dense", seed=1, token_ids=ids, vocab_size=320)
+    folder = save_hf_model(hf, tmp_path / "ckpt")
+    write_bpe_tokenizer(folder, vocab_size=300)
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, size in zip(paths, [(70, 40), (30, 50)]):
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(path)
+    argv = ["--model", str(folder), "--chat", "--no-thinking", "--prompt", "What is this?", "--temperature", "0",
+            "--max-new-tokens", "10", "--json", "--max-len", "512"]
+    assert main(argv + ["--image", str(paths[0]), "--image", str(paths[1])]) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    engine = Engine.load(folder, max_len=512)
+    prompt = engine.vision_prompt(messages=[{"role": "user", "content": [
+        {"type": "image", "image": str(paths[0])}, {"type": "image", "image": str(paths[1])},
+        {"type": "text", "text": "What is this?"}]}], enable_thinking=False)
+    assert result["prompt_token_ids"] == list(prompt.token_ids)
+    assert sum(t == ids["image_token_id"] for t in prompt.token_ids) == int(np.prod(prompt.images.grid_thw, 1).sum()) // 4
+    assert result["token_ids"] == hf_greedy_multimodal(hf, prompt, 10, ids["image_token_id"], ids["video_token_id"])

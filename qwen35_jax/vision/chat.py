@@ -44,6 +44,7 @@ from qwen35_jax.vision.processing import (
 )
 from qwen35_jax.vision.rope_index import PlaceholderError
 
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 _PAD_PATTERN = re.compile(f"{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}")
@@ -201,9 +202,30 @@ def vision_chat_prompt(tokenizer, messages: Sequence[dict], vcfg: VisionConfig,
     media = _Media(video_cfg)
     rendered = tokenizer.apply_chat_template(_normalise_messages(messages, media),
                                              add_generation_prompt=add_generation_prompt, **template_kwargs)
+    return _prompt_from_text(tokenizer, rendered, media, vcfg, image_cfg)
+
+
+def vision_text_prompt(tokenizer, text: str, vcfg: VisionConfig, images: Sequence = (), videos: Sequence = (),
+                       image_cfg: ImageProcessorConfig = ImageProcessorConfig(),
+                       video_cfg: VideoProcessorConfig = VideoProcessorConfig(), video_fps: float | None = None
+                       ) -> VisionPrompt:
+    """A plain (non-chat) prompt: each image, then each video (sources as in an image / video part; videos
+    sampled with `video_fps` when they carry no rate), as `<|vision_start|><|image_pad|><|vision_end|>`
+    (`<|video_pad|>` for a video) before `text`, placeholders expanded."""
+    _check_merge_sizes(vcfg, image_cfg, video_cfg)
+    media = _Media(video_cfg)
+    parts = [media.add("image", {"image": image}, f"image {i}") for i, image in enumerate(images)]
+    parts += [media.add("video", {"video": video, "fps": video_fps}, f"video {i}") for i, video in enumerate(videos)]
+    pads = "".join(f"{VISION_START}{IMAGE_PAD if p['type'] == 'image' else VIDEO_PAD}{VISION_END}" for p in parts)
+    return _prompt_from_text(tokenizer, pads + text, media, vcfg, image_cfg)
+
+
+def _prompt_from_text(tokenizer, text: str, media: _Media, vcfg: VisionConfig,
+                      image_cfg: ImageProcessorConfig) -> VisionPrompt:
+    """The collected media processed, the text's pads expanded, the whole encoded and checked."""
     images = process_images(media.images, image_cfg) if media.images else None
-    videos = process_videos(media.videos, video_cfg) if media.videos else None
-    text = expand_vision_placeholders(rendered, images, videos, vcfg.spatial_merge_size)
+    videos = process_videos(media.videos, media.video_cfg) if media.videos else None
+    text = expand_vision_placeholders(text, images, videos, vcfg.spatial_merge_size)
     prompt = VisionPrompt(tokenizer.encode(text), images, videos)
     check_placeholders(prompt, vcfg)
     return prompt

@@ -224,8 +224,8 @@ class VisionEncoder(nnx.Module):
 
     def encode(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> jax.Array:
         """pixel_values [sum t*h*w, C*T*P*P] of images/videos with grids grid_thw [n, 3], concatenated in
-        order -> [sum t*h*w / merge_size**2, out_hidden_size]. Jitted on the patch count rounded up to a power
-        of two (`patch_bucket`), so a new image size compiles only when it reaches a new bucket."""
+        order -> [sum t*h*w / merge_size**2, out_hidden_size]. Jitted on the patch count rounded up to a bucket
+        (`patch_bucket`: 8 sizes per power of two), so a new image size compiles only when it reaches a new bucket."""
         n_valid = int(np.prod(np.reshape(grid_thw, (-1, 3)), axis=1).sum())
         if pixel_values.shape[0] != n_valid:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw "
@@ -239,9 +239,12 @@ class VisionEncoder(nnx.Module):
         return merged[:n_valid // self.config.spatial_merge_size ** 2]
 
 
-def patch_bucket(n: int, smallest: int = 64) -> int:
-    """The padded patch count the encoder compiles for: the next power of two >= max(n, smallest)."""
-    return max(smallest, 1 << (max(n, 1) - 1).bit_length())
+def patch_bucket(n: int, smallest: int = 64, steps_per_octave: int = 8) -> int:
+    """The padded patch count the encoder compiles for: n rounded up to the next of `steps_per_octave` evenly
+    spaced sizes per power of two (at most 1/steps_per_octave of padding; multiples of 8), at least `smallest`."""
+    n = max(n, smallest)
+    step = max(8, (1 << (n.bit_length() - 1)) // steps_per_octave)
+    return -(-n // step) * step
 
 
 @functools.partial(jax.jit, static_argnums=0)
