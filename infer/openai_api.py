@@ -185,7 +185,7 @@ def parse_stop(body: dict) -> tuple[str, ...]:
 # ---- /v1/chat/completions --------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ChatRequest:
-    messages: list[dict]                  # as the chat template takes them (content as text)
+    messages: list[dict]                  # as the chat template takes them (content: text, or parts with images)
     tools: list[dict] | None
     parse_tools: bool                     # tools given and tool_choice is not "none"
     template_kwargs: dict                 # chat_template_kwargs + add_generation_prompt
@@ -237,22 +237,39 @@ def parse_message(message, i: int) -> dict:
     return out
 
 
-def message_text(content, where: str, allow_null: bool) -> str:
-    """A message's content as text: a string, or an array of {"type": "text", "text": ...} parts (joined by
-    newlines, as vLLM does); null only for assistant messages (e.g. with tool_calls)."""
+def message_text(content, where: str, allow_null: bool) -> str | list[dict]:
+    """A message's content: a string, or an array of {"type": "text", "text": ...} parts (joined by newlines, as
+    vLLM does); with {"type": "image_url", "image_url": {"url": ...}} parts (a data URL or a local file, for
+    models with a vision tower) the array of parts in order. null only for assistant messages (e.g. with
+    tool_calls)."""
     if content is None and allow_null:
         return ""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise APIError(f"{where}: expected a string or an array of text parts, got {_kind(content)}", where)
-    texts = []
+        raise APIError(f"{where}: expected a string or an array of content parts, got {_kind(content)}", where)
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(f"{where}[{j}]: only {{\"type\": \"text\", \"text\": ...}} parts are supported",
-                           f"{where}[{j}]")
-        texts.append(part["text"])
-    return "\n".join(texts)
+        text = isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        image = isinstance(part, dict) and part.get("type") == "image_url" and _image_url(part) is not None
+        if not (text or image):
+            raise APIError(f"{where}[{j}]: expected a {{\"type\": \"text\", \"text\": ...}} or "
+                           "{\"type\": \"image_url\", \"image_url\": {\"url\": ...}} part", f"{where}[{j}]")
+    if any(part["type"] == "image_url" for part in content):
+        return [{"type": "image_url", "image_url": {"url": _image_url(p)}} if p["type"] == "image_url"
+                else {"type": "text", "text": p["text"]} for p in content]
+    return "\n".join(part["text"] for part in content)
+
+
+def _image_url(part: dict) -> str | None:
+    """The url of an image_url part ({"url": str} or, as some clients send, a bare string), else None."""
+    value = part.get("image_url")
+    value = value.get("url") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
+def has_images(messages: list[dict]) -> bool:
+    """Whether any parsed message carries image parts (its content is then a list of parts)."""
+    return any(isinstance(m.get("content"), list) for m in messages)
 
 
 def parse_message_tool_calls(calls, where: str) -> list[dict]:

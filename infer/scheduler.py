@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infer.engine import Engine, _bucket, _Row, prefill_chunks
+from infer.engine import Engine, _bucket, _Row, _token_ids, prefill_chunks
 from infer.prefix_cache import PrefixCache
 from infer.sampling import SamplingParams, batch_arrays
 from infer.slot_steps import MAX_STOP_IDS, MAX_TOP_LOGPROBS, make_steps
+from qwen35_jax.vision.multimodal import VisionPrompt
 
 log = logging.getLogger(__name__)
 _BACKEND_COMPILES = [0]  # XLA compiles in this process (jitted steps and eager ops alike)
@@ -74,8 +75,11 @@ class Request:
     """One submitted generation; `cancel()` is safe from any thread."""
 
     def __init__(self, core: EngineCore, prompt_ids: list[int], params: SamplingParams,
-                 on_output: Callable[[TokenOutput], None], logprobs: int | None, seed: int):
+                 on_output: Callable[[TokenOutput], None], logprobs: int | None, seed: int,
+                 vision_prompt: VisionPrompt | None = None):
         self.core, self.prompt_ids, self.params = core, prompt_ids, params
+        self.vision_prompt = vision_prompt     # images / videos (never prefix-cached: the ids miss the pixels)
+        self.vision = None                     # its host-side vision inputs while prefilling (engine._VisionRows)
         self.on_output, self.logprobs, self.seed = on_output, logprobs, seed
         self.prompt_tokens, self.cached_tokens = len(prompt_ids), 0
         self.row = _Row(params, core.engine.tokenizer)
@@ -119,8 +123,10 @@ class EngineCore:
     # ---- public API ---------------------------------------------------------------------------
     def submit(self, prompt_ids, params: SamplingParams, on_output: Callable[[TokenOutput], None],
                logprobs: int | None = None) -> Request:
-        """Queues a request; on_output gets each generated token (from the scheduler thread)."""
-        ids = self.engine._prompt_ids(list(prompt_ids))
+        """Queues a request (token ids, or a VisionPrompt with images / videos); on_output gets each generated
+        token (from the scheduler thread)."""
+        prompt = self.engine._prompt_ids(prompt_ids if isinstance(prompt_ids, VisionPrompt) else list(prompt_ids))
+        ids = _token_ids(prompt)
         if len(ids) > self.engine.max_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_len is {self.engine.max_len}")
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
@@ -131,7 +137,8 @@ class EngineCore:
                 raise ShuttingDown("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
-            request = Request(self, ids, params, on_output, logprobs, seed)
+            request = Request(self, ids, params, on_output, logprobs, seed,
+                              prompt if isinstance(prompt, VisionPrompt) else None)
             self.waiting.append(request)
             self._cv.notify_all()
         return request
@@ -237,8 +244,10 @@ class EngineCore:
 
     # ---- prefill ------------------------------------------------------------------------------
     def _begin_prefill(self, request: Request) -> None:
-        start, snapshot = self.cache.lookup(request.prompt_ids)
         empty = self.engine.init_state(1)
+        if request.vision_prompt is not None:  # runs the vision encoder, once
+            request.vision = self.engine._vision_inputs([request.vision_prompt], empty)
+        start, snapshot = self.cache.lookup(request.prompt_ids) if request.vision is None else (0, None)
         request.state = PrefixCache.restore(snapshot, empty) if snapshot is not None else empty
         request.cached_tokens = start
         request.chunks = collections.deque(prefill_chunks(start, len(request.prompt_ids), self.engine.prefill_chunk))
@@ -250,10 +259,13 @@ class EngineCore:
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(piece)] = piece
         # jax.device_put, not jnp.asarray: the latter compiles a staging op per new shape
+        extra = () if request.vision is None else (request.vision.chunk(offset, width),)
         request.logits, request.state = self.engine._prefill(self.engine.params, request.state, jax.device_put(tokens),
-                                                             jax.device_put(np.array([len(piece)], np.int32)))
+                                                             jax.device_put(np.array([len(piece)], np.int32)),
+                                                             *extra)
         end = offset + len(piece)
-        key = self.cache.wants(request.prompt_ids, end) if len(piece) == self.engine.prefill_chunk else None
+        cacheable = len(piece) == self.engine.prefill_chunk and request.vision is None
+        key = self.cache.wants(request.prompt_ids, end) if cacheable else None
         if key is not None:
             self.cache.store(key, request.state, end)
         return len(piece)
@@ -294,7 +306,7 @@ class EngineCore:
         remaining = jax.device_put(np.array([request.params.max_new_tokens - 1], np.int32))
         self.slots = self._insert(self.slots, request.state, token, counts, seen, sampling, remaining,
                                   jax.device_put(stop_ids), np.int32(request.slot))
-        request.state = request.logits = None
+        request.state = request.logits = request.vision = None
         self.running[request.slot] = request
 
     # ---- decode -------------------------------------------------------------------------------

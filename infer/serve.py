@@ -30,12 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infer.chat_parsing import THINK_END, THINK_START, ReasoningParser, ToolCallParser, prompt_opens_reasoning
 from infer.metrics import Metrics, RequestTimer
-from infer.openai_api import (APIError, GenerationOptions, parse_chat, parse_completion, parse_json,
+from infer.openai_api import (APIError, GenerationOptions, has_images, parse_chat, parse_completion, parse_json,
                               sampling_field_of)
 from infer.openai_responses import (SSE_DONE, ChatChoice, CompletionChoice, TokenText, new_id, response, sse,
                                     usage)
 from infer.scheduler import QueueFull, ShuttingDown
 from qwen35_jax.cli import argument_parser, command
+from qwen35_jax.vision.processing import VisionInputError
+from qwen35_jax.vision.rope_index import PlaceholderError
 
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25      # how often a non-streaming request checks that its client is still there
@@ -161,17 +163,30 @@ class Server:
             submission.submit(ids, params, logprobs)
         return submission
 
-    def render_chat(self, req) -> str:
+    def check_chat_template(self) -> None:
         if self.tokenizer is None:
             raise APIError("this model has no tokenizer: use /v1/completions with token-id prompts", "messages")
         if self.tokenizer.chat_template is None:
             raise APIError("this model's tokenizer has no chat template: use /v1/completions", "messages")
+
+    def render_chat(self, req) -> str:
+        self.check_chat_template()
         try:
             return self.tokenizer.apply_chat_template(req.messages, tools=req.tools, **req.template_kwargs)
         except TypeError as e:
             raise APIError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
         except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in the template
             raise APIError(f"messages: the chat template failed: {e}", "messages") from None
+
+    def vision_prompt(self, req):
+        """The chat request with image parts as a VisionPrompt (the checkpoint's image processor)."""
+        self.check_chat_template()
+        if self.engine.vision is None:
+            raise APIError("messages: this model has no vision tower: image_url parts are not supported", "messages")
+        try:
+            return self.engine.vision_prompt(messages=req.messages, tools=req.tools, **req.template_kwargs)
+        except (VisionInputError, PlaceholderError) as e:
+            raise APIError(f"messages: {e}", "messages") from None
 
     def encode(self, prompt: str | list[int], param: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -185,10 +200,14 @@ class Server:
         arrival = time.perf_counter()
         self.check_open()
         req = parse_chat(parse_json(await request.body()), self.model_name, self.engine.config.vocab_size)
-        prompt = self.render_chat(req)
-        ids = self.encode(prompt, "messages")
+        if has_images(req.messages):
+            vision = await asyncio.to_thread(self.vision_prompt, req)  # decoding and resizing: off the event loop
+            ids, prompt = list(vision.token_ids), self.tokenizer.decode(vision.token_ids)
+        else:
+            prompt = self.render_chat(req)
+            ids = vision = self.encode(prompt, "messages")
         opts = req.options
-        submission = self.submit([(ids, opts, "messages")], arrival)
+        submission = self.submit([(vision, opts, "messages")], arrival)
         opens = prompt_opens_reasoning(prompt)
         choices = [ChatChoice(i, ReasoningParser(opens, req.thinking, *self.think_ids),
                               ToolCallParser() if req.parse_tools else None,
