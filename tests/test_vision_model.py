@@ -171,6 +171,8 @@ def test_multimodal_on_8_devices_matches_one_device(multimodal_checkpoint):
     from infer.sampling import SamplingParams
     from qwen35_jax.sharding import make_mesh
     _, folder = multimodal_checkpoint
+    if "tiny-dense" in str(folder):  # the MoE model shards everything the dense one does, plus its experts
+        pytest.skip("sharding is checked on the MoE model (~90 s per model)")
     mesh = make_mesh("expert=4,tensor=2")
     prompt = VisionPrompt(mixed_prompt(np.random.default_rng(9), [(1, 4, 6)], (1, 2, 4)),
                           random_vision([(1, 4, 6)], 6), random_vision([(1, 2, 4)], 7))
