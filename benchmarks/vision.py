@@ -9,8 +9,8 @@ A seeded random HF `Qwen3_5(Moe)ForConditionalGeneration` (the text model of --c
 sides run identical float32 weights. `--images` random RGB images of --image-size pixels go through the real
 processor (448 px -> 28x28 patches -> 196 tokens each); its output feeds both sides and is not timed.
 
-1. vision encoder, images/s: ours `VisionEncoder.encode` (host-side geometry + padding to the power-of-two
-   patch bucket + the jitted tower, block_until_ready) vs HF `model.model.visual(pixel_values, grid_thw)`.
+1. vision encoder, images/s: ours `VisionEncoder.encode` (per image: host-side geometry + padding to its patch
+   bucket + the jitted tower, the result back on the host) vs HF `model.model.visual(pixel_values, grid_thw)`.
 2. multimodal prefill, tokens/s (prompt length / time): a prompt of --text-len text tokens around the images'
    placeholder runs. Ours: mRoPE positions and feature index (host) + `vision_features` (the encoder; features
    come back to the host, as `multimodal_logits` has them) + one jitted function (token embeddings with the
@@ -123,7 +123,7 @@ def encoder_seconds(hf, encoder, images: ProcessedVision, repeats: int) -> list[
         with torch.no_grad():
             hf.model.visual(pixels, grid_thw=grid)
     return interleaved_medians(
-        [theirs, lambda: encoder.encode(images.pixel_values, images.grid_thw).block_until_ready()], repeats)
+        [theirs, lambda: encoder.encode(images.pixel_values, images.grid_thw)], repeats)  # a host array: done
 
 
 def prefill_seconds(hf, model, encoder, prompt: VisionPrompt, repeats: int) -> tuple[float, float, float, float]:
@@ -188,7 +188,8 @@ def print_report(f: dict) -> None:
           f"median of {f['repeats']}, HF and ours in turns; config {f['config']}")
     print(f"vision tower depth {v['depth']}, hidden {v['hidden_size']}, heads {v['num_heads']}, intermediate "
           f"{v['intermediate_size']}; {f['images']} images of {f['image_size']}x{f['image_size']} px = "
-          f"{f['patches']} patches (ours pads to {patch_bucket(f['patches'])}); prompt {f['prompt_tokens']} tokens")
+          f"{f['patches']} patches (ours pads each image to {patch_bucket(f['patches'] // f['images'])}); "
+          f"prompt {f['prompt_tokens']} tokens")
     print_table(["measure", "HF", "ours", "ours/HF"], [
         ["encoder images/s", f"{enc['hf_images_per_s']:.2f}", f"{enc['ours_images_per_s']:.2f}",
          f"{enc['ratio']:.2f}x"],

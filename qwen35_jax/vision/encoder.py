@@ -222,21 +222,30 @@ class VisionEncoder(nnx.Module):
         """[N, C*T*P*P] -> [N / merge_size**2, out_hidden_size]; rows of padding blocks are garbage."""
         return self.merge(self.hidden_states(pixel_values, interp_index, interp_weight, rope_hw, segment_ids))
 
-    def encode(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> jax.Array:
+    def encode(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
         """pixel_values [sum t*h*w, C*T*P*P] of images/videos with grids grid_thw [n, 3], concatenated in
-        order -> [sum t*h*w / merge_size**2, out_hidden_size]. Jitted on the patch count rounded up to a bucket
-        (`patch_bucket`: 8 sizes per power of two), so a new image size compiles only when it reaches a new bucket."""
-        n_valid = int(np.prod(np.reshape(grid_thw, (-1, 3)), axis=1).sum())
-        if pixel_values.shape[0] != n_valid:
+        order -> host array [sum t*h*w / merge_size**2, out_hidden_size] (the encoder's dtype). Each image / video runs on its own (attention
+        never crosses them, so n calls cost sum(n_i^2) rather than (sum n_i)^2), jitted on its patch count
+        rounded up to a bucket (`patch_bucket`: 8 sizes per power of two), so a new image size compiles only
+        when it reaches a new bucket."""
+        grids = np.reshape(grid_thw, (-1, 3))
+        ends = np.cumsum(np.prod(grids, axis=1))
+        if pixel_values.shape[0] != (ends[-1] if len(ends) else 0):
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw "
-                             f"{np.asarray(grid_thw).tolist()} has {n_valid} patches")
+                             f"{grids.tolist()} has {int(ends[-1]) if len(ends) else 0} patches")
+        starts = np.concatenate([[0], ends[:-1]])
+        return np.concatenate([self._encode_one(pixel_values[s:e], grid) for grid, s, e in zip(grids, starts, ends)])
+
+    def _encode_one(self, pixel_values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        """One image / video: [t*h*w, C*T*P*P] -> [t*h*w / merge_size**2, out_hidden_size], padded to its bucket."""
+        n_valid = pixel_values.shape[0]
         bucket = patch_bucket(n_valid)
-        geometry = vision_geometry(grid_thw, self.config, pad_to=bucket)
+        geometry = vision_geometry(grid[None], self.config, pad_to=bucket)
         padded = np.zeros((bucket, pixel_values.shape[1]), np.float32)
         padded[:n_valid] = pixel_values
         graphdef, state = nnx.split(self)
         merged = _jitted_forward(graphdef, state, jax.device_put(padded), *map(jax.device_put, geometry.arrays()))
-        return merged[:n_valid // self.config.spatial_merge_size ** 2]
+        return np.asarray(merged)[:n_valid // self.config.spatial_merge_size ** 2]  # host slice: no eager compile
 
 
 def patch_bucket(n: int, smallest: int = 64, steps_per_octave: int = 8) -> int:

@@ -50,14 +50,9 @@ def prompt_positions(prompt: VisionPrompt, vcfg: VisionConfig) -> tuple[np.ndarr
 
 def vision_features(encoder, prompt: VisionPrompt) -> np.ndarray | None:
     """The encoder's outputs for the prompt, computed once: float32 [F, out_hidden_size], the image tokens then
-    the video tokens in prompt order (None without images or videos). Each image and each video is encoded on
-    its own: attention never crosses them, so one call per item costs sum(n_i^2), not (sum n_i)^2."""
-    parts = []
-    for processed in (prompt.images, prompt.videos):
-        grids = _grid(processed)
-        ends = np.cumsum(np.prod(grids, axis=1))
-        for grid, start, end in zip(grids, np.concatenate([[0], ends[:-1]]), ends):
-            parts.append(np.asarray(encoder.encode(processed.pixel_values[start:end], grid[None]), np.float32))
+    the video tokens in prompt order (None without images or videos)."""
+    parts = [np.asarray(encoder.encode(p.pixel_values, p.grid_thw), np.float32)
+             for p in (prompt.images, prompt.videos) if p is not None]
     return np.concatenate(parts) if parts else None
 
 
