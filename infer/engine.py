@@ -26,9 +26,8 @@ from qwen35_jax.loading import load_model, load_vision_tower
 from qwen35_jax.nn.model import state_max_len, unstack_layers
 from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer
 from qwen35_jax.vision.chat import vision_chat_prompt, vision_text_prompt
-from qwen35_jax.vision.encoder import patch_bucket
 from qwen35_jax.vision.multimodal import (VisionPrompt, check_placeholders, embed_multimodal, feature_index,
-                                          prompt_positions, vision_features)
+                                          gather_features, prompt_positions, vision_features)
 from qwen35_jax.vision.processing import ImageProcessorConfig, VideoProcessorConfig
 
 
@@ -191,14 +190,15 @@ class Engine:
     def _prefill_fn(self, params, state, tokens, n_valid, vision=None):
         """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state).
 
-        vision (multimodal prompts): (positions int [3, B, C] mRoPE, index int [B, C] into features [F, H]
-        (-1: a text token), rope_deltas int [B] stored for decoding), see `_vision_chunks`."""
+        vision (multimodal prompts, `_VisionRows.chunk`): (positions int [3, B, C] mRoPE, vision rows [B, C, H]
+        and their mask bool [B, C] (the token's vision feature in place of its embedding), rope_deltas int [B]
+        stored for decoding). Its shapes depend on the chunk only: one compile per chunk width."""
         self.prefill_traces += 1
         model = nnx.merge(self.graphdef, params)
         embeds = positions = None
         if vision is not None:
-            positions, index, features, rope_deltas = vision
-            embeds = embed_multimodal(model, tokens, index, features)
+            positions, rows, mask, rope_deltas = vision
+            embeds = embed_multimodal(model, tokens, rows, mask)
             state = {**state, "rope_deltas": rope_deltas}
         hidden, state = model.forward_with_state(tokens, state, n_valid, moe_backend=self.moe_backend,
                                                  embeds=embeds, positions=positions)
@@ -339,6 +339,9 @@ class Engine:
         if isinstance(prompt, VisionPrompt):
             if self.config.vision is None:
                 raise ValueError("a VisionPrompt needs a model with a vision config")
+            if (prompt.images or prompt.videos) and self.vision is None:
+                raise ValueError("a prompt has images or videos but this engine has no vision encoder (load a "
+                                 "checkpoint with a vision tower: model.visual.* tensors)")
             check_placeholders(prompt, self.config.vision)
             ids = prompt.token_ids
         elif isinstance(prompt, str):
@@ -373,42 +376,41 @@ def _token_ids(prompt) -> list[int]:
 
 class _VisionRows:
     """A batch's vision inputs on the host: per row, the mRoPE positions continuing the row's state (its length
-    plus its rope delta), the feature index into one table of every row's vision features (zero-padded to a
-    `patch_bucket` row count, so new image sizes rarely recompile), and the rope delta decoding continues with."""
+    plus its rope delta), its vision features aligned with its tokens (each request's encoder run once), and
+    the rope delta decoding continues with."""
 
     def __init__(self, prompts, encoder, vcfg, lengths: np.ndarray, deltas: np.ndarray):
         longest = max(len(p) for p in prompts)
         self.positions = np.zeros((3, len(prompts), longest), np.int32)
-        self.index = np.full((len(prompts), longest), -1, np.int32)
+        self.rows = np.zeros((len(prompts), longest, 0), np.float32)
+        self.mask = np.zeros((len(prompts), longest), bool)
         self.rope_deltas = deltas.astype(np.int32).copy()
-        tables, rows = [], 0
         for i, prompt in enumerate(prompts):
             start = int(lengths[i] + deltas[i])
             if isinstance(prompt, VisionPrompt):
                 positions, delta = prompt_positions(prompt, vcfg)
                 features = vision_features(encoder, prompt)
                 if features is not None:
-                    index = feature_index(prompt, vcfg)
-                    self.index[i, :len(prompt)] = np.where(index >= 0, index + rows, -1)
-                    tables.append(features)
-                    rows += len(features)
+                    if not self.rows.shape[2]:
+                        self.rows = np.zeros((len(prompts), longest, features.shape[1]), np.float32)
+                    self.rows[i, :len(prompt)], self.mask[i, :len(prompt)] = gather_features(
+                        features, feature_index(prompt, vcfg))
                 self.rope_deltas[i] += delta
             else:
                 positions = np.broadcast_to(np.arange(len(prompt), dtype=np.int32), (3, len(prompt)))
             self.positions[:, i, :len(prompt)] = positions + start
-        table = np.concatenate(tables)
-        self.features = np.zeros((patch_bucket(len(table)), table.shape[1]), np.float32)
-        self.features[:len(table)] = table
 
     def chunk(self, offset: int, width: int) -> tuple:
-        """(positions [3, B, width], index [B, width], features, rope_deltas) of the chunk at `offset`
-        (`Engine._prefill_fn`'s vision argument), padding positions past each row's prompt."""
+        """(positions [3, B, width], vision rows [B, width, H], mask [B, width], rope_deltas [B]) of the chunk at
+        `offset` (`Engine._prefill_fn`'s vision argument), zero-padded past each row's prompt."""
+        end = min(offset + width, self.mask.shape[1])
         positions = np.zeros(self.positions.shape[:2] + (width,), np.int32)
-        index = np.full((self.index.shape[0], width), -1, np.int32)
-        piece = self.positions[:, :, offset:offset + width]
-        positions[:, :, :piece.shape[2]] = piece
-        index[:, :piece.shape[2]] = self.index[:, offset:offset + width]
-        return tuple(jax.device_put(x) for x in (positions, index, self.features, self.rope_deltas))
+        rows = np.zeros(self.rows.shape[:1] + (width,) + self.rows.shape[2:], np.float32)
+        mask = np.zeros((self.mask.shape[0], width), bool)
+        positions[:, :, :end - offset] = self.positions[:, :, offset:end]
+        rows[:, :end - offset] = self.rows[:, offset:end]
+        mask[:, :end - offset] = self.mask[:, offset:end]
+        return tuple(jax.device_put(x) for x in (positions, rows, mask, self.rope_deltas))
 
 
 class _Row:

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="a video file for every prompt (repeatable; needs the `video` extra: PyAV)")
     p.add_argument("--video-fps", type=float, default=None,
-                   help="the frame rate of a video whose file gives none (default: 24, as HF assumes)")
+                   help="the videos' source frame rate (default: the file's own rate); frames are sampled at 2 fps")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per prompt at most")
     for name, (kind, text) in SAMPLING_FLAGS.items():
         p.add_argument(f"--{name}", type=kind, default=None, help=text)
@@ -89,7 +89,7 @@ def user_content(args, text: str):
     if not (args.image or args.video):
         return text
     return ([{"type": "image", "image": path} for path in args.image]
-            + [{"type": "video", "video": path, "fps": args.video_fps} for path in args.video]
+            + [{"type": "video", "video": path, "source_fps": args.video_fps} for path in args.video]
             + [{"type": "text", "text": text}])
 
 

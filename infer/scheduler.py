@@ -12,7 +12,9 @@ free at once); (2) requests being admitted prefill, one chunk call at a time, wi
 token and is written into its slot; (3) every decoding slot runs up to `decode_steps` tokens on device in one call
 (`infer.slot_steps.decode_block`), and the host turns them into text and outputs. Per-slot sampling parameters are
 arrays, every shape is static or bucketed (prefill widths: powers of two up to the prefill chunk), so after
-`warmup()` no request pattern compiles anything (`trace_counts()`).
+`warmup()` no pattern of text requests compiles anything (`trace_counts()`). A request with images or videos
+(a `VisionPrompt`) runs its encoder once when its prefill starts (compiling per new patch bucket) and prefills
+through the vision variant of the prefill step (compiled once per width); it is never prefix-cached.
 
 A request is prefilled alone ([1, width] calls, `infer.engine.prefill_chunks`, as `Engine.generate` prefills one
 prompt) and decoded in its slot, so its greedy tokens are those of `Engine.generate` for the same prompt.
@@ -172,7 +174,7 @@ class EngineCore:
                     "prefix_cache_hit_tokens": self.cache.hit_tokens, "prefix_cache_bytes": self.cache.bytes}
 
     def trace_counts(self) -> dict:
-        """How often each jitted step was traced (compiled): constant after `warmup()`."""
+        """How often each jitted step was traced (compiled): constant after `warmup()` for text requests."""
         return {"prefill": self.engine.prefill_traces, "decode_block": self._traces["decode_block"],
                 "insert": self._traces["insert"], "first_sample": self._first_sample_traces()}
 
@@ -212,8 +214,8 @@ class EngineCore:
         for request in list(self.prefilling):
             if budget <= 0:
                 break
-            if request.state is None:
-                self._begin_prefill(request)
+            if request.state is None and not self._begin_prefill(request):
+                continue
             while budget > 0 and request.chunks:
                 budget -= self._prefill_chunk(request)
             if not request.chunks:
@@ -243,14 +245,21 @@ class EngineCore:
             self._cv.notify_all()
 
     # ---- prefill ------------------------------------------------------------------------------
-    def _begin_prefill(self, request: Request) -> None:
+    def _begin_prefill(self, request: Request) -> bool:
+        """Starts the request's prefill (its encoder runs here, once); False if that failed the request."""
         empty = self.engine.init_state(1)
-        if request.vision_prompt is not None:  # runs the vision encoder, once
-            request.vision = self.engine._vision_inputs([request.vision_prompt], empty)
+        if request.vision_prompt is not None:
+            try:
+                request.vision = self.engine._vision_inputs([request.vision_prompt], empty)
+            except Exception:  # e.g. an image too large for the device: fails this request, not the batch
+                log.exception("the vision encoder failed; failing this request")
+                self._fail(request)
+                return False
         start, snapshot = self.cache.lookup(request.prompt_ids) if request.vision is None else (0, None)
         request.state = PrefixCache.restore(snapshot, empty) if snapshot is not None else empty
         request.cached_tokens = start
         request.chunks = collections.deque(prefill_chunks(start, len(request.prompt_ids), self.engine.prefill_chunk))
+        return True
 
     def _prefill_chunk(self, request: Request) -> int:
         """One prefill call of the request's next chunk; returns how many prompt tokens it consumed."""
@@ -347,7 +356,7 @@ class EngineCore:
     def _release(self, request: Request) -> None:
         """Frees the request's slot (finished or cancelled)."""
         request.done = True
-        request.state = request.logits = None
+        request.state = request.logits = request.vision = None
         if request in self.prefilling:
             self.prefilling.remove(request)
         if self.running.get(request.slot) is request:
@@ -357,12 +366,15 @@ class EngineCore:
                 self.free.append(request.slot)
             request.slot = None
 
+    def _fail(self, request: Request) -> None:
+        try:
+            request.on_output(TokenOutput(-1, "", "error", completion_tokens=len(request.row.tokens)))
+        finally:
+            self._release(request)
+
     def _fail_all(self) -> None:
         for request in list(self.prefilling) + list(self.running.values()):
-            try:
-                request.on_output(TokenOutput(-1, "", "error", completion_tokens=len(request.row.tokens)))
-            finally:
-                self._release(request)
+            self._fail(request)
         self.slots = self._empty_slots()
 
     def _empty_slots(self) -> dict:

@@ -36,6 +36,7 @@ from infer.openai_responses import (SSE_DONE, ChatChoice, CompletionChoice, Toke
                                     usage)
 from infer.scheduler import QueueFull, ShuttingDown
 from qwen35_jax.cli import argument_parser, command
+from qwen35_jax.vision.chat import vision_chat_prompt
 from qwen35_jax.vision.processing import VisionInputError
 from qwen35_jax.vision.rope_index import PlaceholderError
 
@@ -116,8 +117,10 @@ def draining_error() -> APIError:
 class Server:
     """What the routes share: the core, the engine, the metrics, the draining flag."""
 
-    def __init__(self, core, engine, model_name: str):
+    def __init__(self, core, engine, model_name: str, allowed_local_media_path: str | Path | None = None):
         self.core, self.engine, self.model_name = core, engine, model_name
+        # image_url parts may name local files only under this folder (None: data URLs only), as vLLM's flag
+        self.media_root = None if allowed_local_media_path is None else Path(allowed_local_media_path).resolve()
         self.tokenizer = engine.tokenizer
         self.metrics = Metrics(core)
         self.token_text = TokenText(self.tokenizer)
@@ -179,14 +182,36 @@ class Server:
             raise APIError(f"messages: the chat template failed: {e}", "messages") from None
 
     def vision_prompt(self, req):
-        """The chat request with image parts as a VisionPrompt (the checkpoint's image processor)."""
+        """The chat request with image parts as a VisionPrompt (the checkpoint's processor configs)."""
         self.check_chat_template()
         if self.engine.vision is None:
             raise APIError("messages: this model has no vision tower: image_url parts are not supported", "messages")
+        for message in req.messages:
+            for part in message["content"] if isinstance(message["content"], list) else ():
+                if part["type"] == "image_url":
+                    self.check_local_media(part["image_url"]["url"])
         try:
-            return self.engine.vision_prompt(messages=req.messages, tools=req.tools, **req.template_kwargs)
+            return vision_chat_prompt(self.tokenizer, req.messages, self.engine.config.vision,
+                                      self.engine.image_processor, self.engine.video_processor, tools=req.tools,
+                                      **req.template_kwargs)
         except (VisionInputError, PlaceholderError) as e:
             raise APIError(f"messages: {e}", "messages") from None
+        except TypeError as e:
+            raise APIError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
+        except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in the template, image decoders
+            raise APIError(f"messages: the chat template or an image failed: {e}", "messages") from None
+
+    def check_local_media(self, url: str) -> None:
+        """A data URL passes; a local file only inside --allowed-local-media-path (else a 400)."""
+        if url.startswith("data:") or "://" in url and not url.startswith("file://"):
+            return  # data URLs are decoded; remote URLs are refused by the processor with their own 400
+        if self.media_root is None:
+            raise APIError("messages: local image files are not served unless the server was started with "
+                           "--allowed-local-media-path DIR; send a data:image/...;base64 URL", "messages")
+        path = Path(url.removeprefix("file://")).resolve()
+        if not path.is_relative_to(self.media_root):
+            raise APIError(f"messages: image file {url!r} is outside --allowed-local-media-path "
+                           f"{self.media_root}", "messages")
 
     def encode(self, prompt: str | list[int], param: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -290,9 +315,10 @@ class Server:
                                             "owned_by": "qwen35-jax", "max_model_len": self.engine.max_len}]}
 
 
-def create_app(core, engine, model_name: str) -> FastAPI:
-    """The FastAPI app over a started EngineCore. `app.state.begin_drain()` starts a drain (what SIGTERM does)."""
-    server = Server(core, engine, model_name)
+def create_app(core, engine, model_name: str, allowed_local_media_path: str | Path | None = None) -> FastAPI:
+    """The FastAPI app over a started EngineCore. `app.state.begin_drain()` starts a drain (what SIGTERM does).
+    allowed_local_media_path: the folder image_url parts may read local files from (None: data URLs only)."""
+    server = Server(core, engine, model_name, allowed_local_media_path)
     app = FastAPI(title="qwen35-jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server, app.state.begin_drain = server, server.begin_drain
 
@@ -358,6 +384,8 @@ def build_parser():
                    help="prompt tokens prefilled per scheduler step (at least one chunk call runs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="image_url parts may name local files inside DIR (default: data URLs only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     return p
@@ -394,7 +422,7 @@ def main(argv=None) -> int:
     print(f"compiling (max batch {args.max_batch}, max len {args.max_len}) ...", file=sys.stderr, flush=True)
     core = EngineCore(engine, max_batch=args.max_batch, max_queue=args.max_queue, decode_steps=args.decode_steps,
                       prefix_cache_bytes=args.prefix_cache_bytes, prefill_budget=args.prefill_budget).start()
-    app = create_app(core, engine, name)
+    app = create_app(core, engine, name, args.allowed_local_media_path)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run()
     if not app.state.server.draining:

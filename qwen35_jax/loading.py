@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.precision import compute_dtype as policy_compute_dtype
 from qwen35_jax.sharding import variable_sharding
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -42,9 +44,7 @@ def load_model(path: str | Path, dtype="float32", mesh: jax.sharding.Mesh | None
     `model(input_ids)`: int32 [batch, seq] -> logits [batch, seq, vocab].
     """
     path = Path(path)
-    storage = resolve_dtype(dtype)
-    platform = None if mesh is None else mesh.devices.flat[0].platform
-    compute = policy_compute_dtype(storage, platform) if compute_dtype is None else resolve_dtype(compute_dtype)
+    storage, compute = _dtypes(dtype, compute_dtype, mesh)
     if is_orbax_checkpoint(path):
         cfg = ModelConfig.from_dict(read_metadata(path)["config"], where=str(path), scan_layers=scan_layers)
         return cast_model(load_orbax(path, storage, mesh, cfg), compute)
@@ -55,11 +55,19 @@ def load_model(path: str | Path, dtype="float32", mesh: jax.sharding.Mesh | None
     return model if mesh is None else shard_model(model, mesh)
 
 
+def _dtypes(dtype, compute_dtype, mesh) -> tuple:
+    """(storage dtype, compute dtype) as `load_model` documents them."""
+    storage = resolve_dtype(dtype)
+    platform = None if mesh is None else mesh.devices.flat[0].platform
+    return storage, policy_compute_dtype(storage, platform) if compute_dtype is None else resolve_dtype(compute_dtype)
+
+
 def load_vision_tower(path: str | Path, dtype="float32", mesh: jax.sharding.Mesh | None = None,
                       compute_dtype=None):
     """The checkpoint's vision encoder (`qwen35_jax.vision.encoder.VisionEncoder`, from its `model.visual.*`
-    tensors; every one consumed, none missing) or None when its config has no vision tower. dtype /
-    compute_dtype / mesh as in `load_model`. A config with a vision tower but no vision tensors is an error."""
+    tensors; every one consumed, none missing), or None when its config has no vision tower or it holds no
+    vision tensors (a fine-tuned checkpoint saved by `save_model` keeps the config but only the text model's
+    arrays: it then serves text, and says so once). dtype / compute_dtype / mesh as in `load_model`."""
     from qwen35_jax.vision.weights import PREFIX, load_vision
     path = Path(path)
     orbax = is_orbax_checkpoint(path)
@@ -73,11 +81,10 @@ def load_vision_tower(path: str | Path, dtype="float32", mesh: jax.sharding.Mesh
         folder = SafetensorsFolder(path)
         tensors = {n: folder.get(n) for n in folder.names() if n.startswith(PREFIX)}
     if not tensors:
-        raise CheckpointError(f"{path}: config.json has a vision_config but the checkpoint holds no {PREFIX}* "
-                              "tensors")
-    storage = resolve_dtype(dtype)
-    platform = None if mesh is None else mesh.devices.flat[0].platform
-    compute = policy_compute_dtype(storage, platform) if compute_dtype is None else resolve_dtype(compute_dtype)
+        log.warning("%s: the config has a vision tower but the checkpoint holds no %s* tensors: text prompts only",
+                    path, PREFIX)
+        return None
+    storage, compute = _dtypes(dtype, compute_dtype, mesh)
     tensors = {n: np.asarray(jnp.asarray(t, storage)) for n, t in tensors.items()}  # round to the storage dtype
     encoder = load_vision(tensors, cfg.vision, compute)
     return encoder if mesh is None else shard_model(encoder, mesh)

@@ -18,7 +18,7 @@ import pytest
 from transformers import Qwen3_5Config, Qwen3_5MoeConfig, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
 from benchmarks.common import bench_config, bench_config_names
-from qwen35_jax.config import PRESET_DIR, ConfigError, ModelConfig, preset_names
+from qwen35_jax.config import PRESET_DIR, VISION_TOKEN_FIELDS, ConfigError, ModelConfig, preset_names
 from qwen35_jax.hf_reference import random_checkpoint
 from train.config import TrainConfig, TrainConfigError, recipe_names
 
@@ -67,8 +67,9 @@ def test_every_preset_loads_and_matches_hf(name):
         rope["rope_theta"], rope["partial_rotary_factor"], rope["mrope_section"])
     assert cfg.is_moe == isinstance(text, Qwen3_5MoeTextConfig)
     if hasattr(hf, "vision_config"):
-        for f in dataclasses.fields(cfg.vision):
-            assert getattr(cfg.vision, f.name) == getattr(hf.vision_config, f.name), f"vision.{f.name}"
+        for f in dataclasses.fields(cfg.vision):  # the multimodal token ids are top-level fields in HF
+            source = hf if f.name in VISION_TOKEN_FIELDS else hf.vision_config
+            assert getattr(cfg.vision, f.name) == getattr(source, f.name), f"vision.{f.name}"
 
 
 def test_unknown_preset_names_the_presets():

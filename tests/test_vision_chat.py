@@ -82,7 +82,7 @@ def test_chat_with_images_and_video_matches_hf_processor(folder, tok, vcfg, png,
     messages = [{"role": "system", "content": "You describe media."},
                 {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": pil},
                                              {"type": "text", "text": " and "},
-                                             {"type": "video", "video": video, "fps": 3.0}]},
+                                             {"type": "video", "video": video, "source_fps": 3.0}]},
                 {"role": "assistant", "content": "A fox."},
                 {"role": "user", "content": [{"type": "image", "image": str(png)},
                                              {"type": "text", "text": "And this?"}]}]

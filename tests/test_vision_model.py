@@ -222,3 +222,18 @@ def test_generate_cli_with_images(tmp_path, capsys):
     assert result["prompt_token_ids"] == list(prompt.token_ids)
     assert sum(t == ids["image_token_id"] for t in prompt.token_ids) == int(np.prod(prompt.images.grid_thw, 1).sum()) // 4
     assert result["token_ids"] == hf_greedy_multimodal(hf, prompt, 10, ids["image_token_id"], ids["video_token_id"])
+
+
+def test_checkpoint_without_vision_tensors_serves_text(multimodal_checkpoint, tmp_path):
+    """A fine-tuned checkpoint (`save_model`: the config keeps its vision tower, the arrays are the text model's)
+    loads for text; an image prompt then gets a clear error instead of a crash."""
+    from infer.engine import Engine
+    from qwen35_jax.checkpoint.orbax_io import save_model
+    _, folder = multimodal_checkpoint
+    ckpt = save_model(load_model(folder), tmp_path / "tuned")
+    engine = Engine.load(ckpt, max_len=64)
+    assert engine.config.vision is not None and engine.vision is None
+    assert len(engine.generate([[1, 2, 3]])[0].token_ids) > 0
+    with pytest.raises(ValueError, match="no vision encoder"):
+        engine.generate([VisionPrompt(mixed_prompt(np.random.default_rng(0), [(1, 2, 2)], None),
+                                      random_vision([(1, 2, 2)], 0))])

@@ -33,9 +33,15 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(engine):
+def media(tmp_path_factory):
+    """The folder the server may read local image files from (--allowed-local-media-path)."""
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="module")
+def server(engine, media):
     core = EngineCore(engine, max_batch=4, decode_steps=4, prefix_cache_bytes=64 << 20).start(warmup=False)
-    http = ServerThread(create_app(core, engine, "tiny"))
+    http = ServerThread(create_app(core, engine, "tiny", allowed_local_media_path=media))
     yield http
     http.stop()
     core.drain(timeout=30)
@@ -48,12 +54,13 @@ def png_bytes(seed: int, size=(40, 56)) -> bytes:
     return buffer.getvalue()
 
 
-def ask(server, image_url: str, text: str = "What is in the picture?"):
+def ask(server, image_url: str, text: str = "What is in the picture?", **template_kwargs):
     return server.client.chat.completions.create(
         model="tiny", temperature=0, max_tokens=NEW,
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                {"type": "text", "text": text}]}],
-        extra_body={"return_token_ids": True, "ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}})
+        extra_body={"return_token_ids": True, "ignore_eos": True,
+                    "chat_template_kwargs": {"enable_thinking": False, **template_kwargs}})
 
 
 def expected_tokens(engine, image) -> tuple[list[int], list[int]]:
@@ -65,9 +72,9 @@ def expected_tokens(engine, image) -> tuple[list[int], list[int]]:
     return result.prompt_token_ids, result.token_ids
 
 
-def test_image_url_data_and_file_match_isolated_generate(engine, server, tmp_path):
+def test_image_url_data_and_file_match_isolated_generate(engine, server, media):
     images = [png_bytes(seed) for seed in range(2)]
-    path = tmp_path / "second.png"
+    path = media / "second.png"
     path.write_bytes(images[1])
     replies = [ask(server, "data:image/png;base64," + base64.b64encode(images[0]).decode()),
                ask(server, str(path))]
@@ -81,15 +88,18 @@ def test_image_url_data_and_file_match_isolated_generate(engine, server, tmp_pat
     assert replies[0].choices[0].token_ids != replies[1].choices[0].token_ids
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("https://example.com/cat.png", "https://example.com/cat.png' is not fetched"),
-    ("data:image/png;base64,bm90IGFuIGltYWdl", "image"),
-    ("/no/such/file.png", "/no/such/file.png"),
+@pytest.mark.parametrize("url, kwargs, expected", [
+    ("https://example.com/cat.png", {}, "https://example.com/cat.png' is not fetched"),
+    ("data:image/png;base64,bm90IGFuIGltYWdl", {}, "image"),
+    ("/etc/hostname", {}, "is outside --allowed-local-media-path"),           # no reading outside the folder
+    ("MEDIA/missing.png", {}, "missing.png"),
+    (None, {"image_cfg": 1}, "chat_template_kwargs"),                        # a keyword the prompt builder owns
 ])
-def test_bad_image_urls_get_a_400_naming_the_input(server, url, expected):
+def test_bad_image_input_gets_a_400_naming_it(server, media, url, kwargs, expected):
     import openai
+    url = ("data:image/png;base64," + base64.b64encode(png_bytes(3)).decode() if url is None
+           else url.replace("MEDIA", str(media)))
     with pytest.raises(openai.BadRequestError) as info:
-        ask(server, url)
+        ask(server, url, **kwargs)
     assert expected in str(info.value)
-    assert "messages" in str(info.value)
     assert ask(server, "data:image/png;base64," + base64.b64encode(png_bytes(5)).decode()).choices  # still serving

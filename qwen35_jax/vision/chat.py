@@ -3,7 +3,7 @@
     prompt = vision_chat_prompt(tokenizer, [{"role": "user", "content": [
         {"type": "image", "image": "cat.png"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
-        {"type": "video", "video": frames, "fps": 30.0},
+        {"type": "video", "video": frames, "source_fps": 30.0},
         {"type": "text", "text": "What happens?"}]}], model.config.vision)
 
 Images and videos are collected in message order and processed (`process_images`, `load_video` +
@@ -12,7 +12,9 @@ Qwen's template reads (`{"type": "image"}`, `{"type": "video"}`, `{"type": "text
 `<|vision_start|><|image_pad|><|vision_end|>` per image and `<|vision_start|><|video_pad|><|vision_end|>` per video.
 `expand_vision_placeholders` then replaces, in order, each `<|image_pad|>` by t*h*w/merge**2 copies and each
 `<|video_pad|>` by `video_prompt_text` (per temporal group `<t seconds><|vision_start|>pads<|vision_end|>`),
-exactly as HF's processor does, and the text is encoded. Remote URLs are never fetched.
+exactly as HF's processor does, and the text is encoded. Remote URLs are never fetched. A video part's
+`source_fps` is the frame rate of its source (default: a file's own rate, 24 for arrays and frame lists, as HF
+assumes); frames are then sampled at the processor's fps (2), unlike qwen-vl-utils' `fps`, which is that rate.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from qwen35_jax.config import VisionConfig
-from qwen35_jax.vision.multimodal import VisionPrompt, check_placeholders
+from qwen35_jax.vision.multimodal import VisionPrompt, check_placeholders, grids_of
 from qwen35_jax.vision.processing import (
     ImageProcessorConfig,
     ProcessedVision,
@@ -53,23 +55,18 @@ _PART_KINDS = ("text", "image", "image_url", "video")
 
 # ------------------------------------------------------------------------------------------------------- expansion
 
-def _grids(processed: ProcessedVision | None) -> np.ndarray:
-    """int64 [n, 3] patch grids (n = 0 when nothing was given)."""
-    return np.zeros((0, 3), np.int64) if processed is None else np.reshape(processed.grid_thw, (-1, 3))
-
-
 def _image_replacements(images: ProcessedVision | None, merge_size: int) -> list[str]:
     """Per image, `<|image_pad|>` * (t * h * w / merge_size**2), HF's `replace_image_token`."""
-    return [IMAGE_PAD * (int(np.prod(grid)) // merge_size**2) for grid in _grids(images)]
+    return [IMAGE_PAD * (int(np.prod(grid)) // merge_size**2) for grid in grids_of(images)]
 
 
 def _video_replacements(videos: ProcessedVision | None, merge_size: int) -> list[str]:
     """Per video, `video_prompt_text` of its group timestamps and grid, HF's `replace_video_token`."""
     if videos is None:
         return []
-    if videos.timestamps is None or len(videos.timestamps) != len(_grids(videos)):
+    if videos.timestamps is None or len(videos.timestamps) != len(grids_of(videos)):
         raise ValueError("videos need one list of group timestamps per video (ProcessedVision from process_videos)")
-    return [video_prompt_text(times, grid, merge_size) for times, grid in zip(videos.timestamps, _grids(videos))]
+    return [video_prompt_text(times, grid, merge_size) for times, grid in zip(videos.timestamps, grids_of(videos))]
 
 
 def _check_counts(text: str, pad: str, replacements: list[str], name: str) -> None:
@@ -159,7 +156,7 @@ class _Media:
         if kind == "text":
             return {"type": "text", "text": part["text"]}
         if kind == "video":
-            clip = load_video(part["video"], self.video_cfg, fps=part.get("fps"), name=name)
+            clip = load_video(part["video"], self.video_cfg, fps=part.get("source_fps"), name=name)
             self.videos.append(clip)
             return {"type": "video"}
         self.images.append(part["image"] if kind == "image" else _image_from_url(part["image_url"], name))
@@ -209,13 +206,13 @@ def vision_text_prompt(tokenizer, text: str, vcfg: VisionConfig, images: Sequenc
                        image_cfg: ImageProcessorConfig = ImageProcessorConfig(),
                        video_cfg: VideoProcessorConfig = VideoProcessorConfig(), video_fps: float | None = None
                        ) -> VisionPrompt:
-    """A plain (non-chat) prompt: each image, then each video (sources as in an image / video part; videos
-    sampled with `video_fps` when they carry no rate), as `<|vision_start|><|image_pad|><|vision_end|>`
+    """A plain (non-chat) prompt: each image, then each video (sources as in an image / video part; `video_fps`:
+    their source frame rate, as a video part's `source_fps`), as `<|vision_start|><|image_pad|><|vision_end|>`
     (`<|video_pad|>` for a video) before `text`, placeholders expanded."""
     _check_merge_sizes(vcfg, image_cfg, video_cfg)
     media = _Media(video_cfg)
     parts = [media.add("image", {"image": image}, f"image {i}") for i, image in enumerate(images)]
-    parts += [media.add("video", {"video": video, "fps": video_fps}, f"video {i}") for i, video in enumerate(videos)]
+    parts += [media.add("video", {"video": video, "source_fps": video_fps}, f"video {i}") for i, video in enumerate(videos)]
     pads = "".join(f"{VISION_START}{IMAGE_PAD if p['type'] == 'image' else VIDEO_PAD}{VISION_END}" for p in parts)
     return _prompt_from_text(tokenizer, pads + text, media, vcfg, image_cfg)
 

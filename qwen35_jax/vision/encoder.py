@@ -1,8 +1,9 @@
 """The Qwen3.5 ViT encoder (`model.visual`): patch embedding, resampled learned positions, 2-D RoPE blocks
 scanned over a stacked `layers` axis, and the 2x2 patch merger (architecture notes §7.1-7.4).
 
-Attention is restricted to each temporal slice of each image/video through a dense [N, N] segment mask
-(fine for a few thousand patches; a segment-blocked kernel is the next step for very large images).
+Attention is restricted to each temporal slice of each image/video through a dense [N, N] segment mask over one
+image or video (`encode` runs them one at a time): fine for a few thousand patches; a 4096x4096 image (65,536
+patches) or a long video needs a segment-blocked kernel, the next step.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     prompt = VisionPrompt(token_ids, images=process_images([...]), videos=process_videos([...]))
     features = vision_features(encoder, prompt)          # [F, H], computed once per request
-    embeds = embed_multimodal(model, ids [1, L], feature_index(prompt, vcfg)[None], features)
+    rows, mask = gather_features(features, feature_index(prompt, vcfg)[None])   # [1, L, H], [1, L]
+    embeds = embed_multimodal(model, ids [1, L], rows, mask)
     positions, rope_delta = prompt_positions(prompt, vcfg)
 
 `token_ids` already hold the expanded placeholders (`vision.chat.expand_vision_placeholders`, or
@@ -38,14 +39,15 @@ class VisionPrompt:
         return len(self.token_ids)
 
 
-def _grid(processed: ProcessedVision | None) -> np.ndarray:
+def grids_of(processed: ProcessedVision | None) -> np.ndarray:
+    """int64 [n, 3] patch grids of processed images / videos (n = 0 for None)."""
     return np.zeros((0, 3), np.int64) if processed is None else np.reshape(processed.grid_thw, (-1, 3))
 
 
 def prompt_positions(prompt: VisionPrompt, vcfg: VisionConfig) -> tuple[np.ndarray, int]:
     """(int32 [3, L] mRoPE positions, rope_delta) of the prompt (`vision.rope_index.mrope_positions`)."""
-    return mrope_positions(prompt.token_ids, vcfg.image_token_id, vcfg.video_token_id, _grid(prompt.images),
-                           _grid(prompt.videos), vcfg.spatial_merge_size)
+    return mrope_positions(prompt.token_ids, vcfg.image_token_id, vcfg.video_token_id, grids_of(prompt.images),
+                           grids_of(prompt.videos), vcfg.spatial_merge_size)
 
 
 def vision_features(encoder, prompt: VisionPrompt) -> np.ndarray | None:
@@ -67,11 +69,19 @@ def feature_index(prompt: VisionPrompt, vcfg: VisionConfig) -> np.ndarray:
     return index
 
 
-def embed_multimodal(model, input_ids: jax.Array, index: jax.Array, features: jax.Array) -> jax.Array:
-    """Token embeddings [B, L, H] with vision features [F, H] in place where index int [B, L] >= 0."""
+def gather_features(features: np.ndarray | None, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host gather: (vision rows aligned with the tokens float32 [..., L, H], mask bool [..., L]) for a feature
+    index [..., L] into features [F, H] (-1: a text token, whose row is zeros)."""
+    mask = index >= 0
+    if features is None:
+        return np.zeros(index.shape + (0,), np.float32), mask
+    return np.where(mask[..., None], features[np.maximum(index, 0)], 0).astype(np.float32), mask
+
+
+def embed_multimodal(model, input_ids: jax.Array, vision_rows: jax.Array, mask: jax.Array) -> jax.Array:
+    """Token embeddings [B, L, H], with vision_rows [B, L, H] in place where mask [B, L] is True."""
     embeds = model.embed(input_ids)
-    picked = jnp.take(features.astype(embeds.dtype), jnp.maximum(index, 0), axis=0)
-    return jnp.where((index >= 0)[..., None], picked, embeds)
+    return jnp.where(mask[..., None], vision_rows.astype(embeds.dtype), embeds)
 
 
 def check_placeholders(prompt: VisionPrompt, vcfg: VisionConfig) -> None:
@@ -81,11 +91,11 @@ def check_placeholders(prompt: VisionPrompt, vcfg: VisionConfig) -> None:
     unit = vcfg.spatial_merge_size ** 2
     for name, token_id, processed in (("image", vcfg.image_token_id, prompt.images),
                                       ("video", vcfg.video_token_id, prompt.videos)):
-        want = int(np.prod(_grid(processed), axis=1).sum()) // unit
+        want = int(np.prod(grids_of(processed), axis=1).sum()) // unit
         have = int(np.sum(ids == token_id))
         if have != want:
             raise PlaceholderError(f"the prompt has {have} <|{name}_pad|> tokens but its {name}s make {want} "
-                                   f"({len(_grid(processed))} {name}s given)")
+                                   f"({len(grids_of(processed))} {name}s given)")
     prompt_positions(prompt, vcfg)
 
 
@@ -96,6 +106,6 @@ def multimodal_logits(model, encoder, prompt: VisionPrompt) -> jax.Array:
     ids = jnp.asarray(np.asarray(prompt.token_ids, np.int32)[None])
     features = vision_features(encoder, prompt)
     embeds = model.embed(ids) if features is None else embed_multimodal(
-        model, ids, jnp.asarray(feature_index(prompt, vcfg)[None]), jnp.asarray(features))
+        model, ids, *map(jnp.asarray, gather_features(features, feature_index(prompt, vcfg)[None])))
     positions, _ = prompt_positions(prompt, vcfg)
     return model(ids, positions=jnp.asarray(positions)[:, None, :], embeds=embeds)
