@@ -40,8 +40,8 @@ from benchmarks.common import add_config_arguments, median_seconds, print_table
 from qwen35_jax.hf_reference import TINY_VISION_TOKENS, build_hf_multimodal, save_hf_model
 from qwen35_jax.loading import load_model, load_vision_tower
 from qwen35_jax.vision.encoder import patch_bucket
-from qwen35_jax.vision.multimodal import (VisionPrompt, embed_multimodal, feature_index, prompt_positions,
-                                          vision_features)
+from qwen35_jax.vision.multimodal import (VisionPrompt, embed_multimodal, feature_index, gather_features,
+                                          prompt_positions, vision_features)
 from qwen35_jax.vision.processing import ProcessedVision, process_images
 
 VS, VE, IMG = (TINY_VISION_TOKENS[k] for k in ("vision_start_token_id", "vision_end_token_id", "image_token_id"))
@@ -64,31 +64,30 @@ def build_prompt(images: ProcessedVision, text_len: int, merge: int, seed: int) 
 
 
 def jit_prefill(model):
-    """A jitted (state, ids [1, L], positions [3, 1, L], feature index [1, L], features [F, H]) -> last-token
+    """A jitted (state, ids [1, L], positions [3, 1, L], vision rows [1, L, H], mask [1, L]) -> last-token
     logits [1, V]: token embeddings with the vision features in place, the text model, the last position's logits."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def prefill(state, ids, positions, index, features):
+    def prefill(state, ids, positions, rows, mask):
         model = nnx.merge(graphdef, state)
-        embeds = embed_multimodal(model, ids, index, features)
+        embeds = embed_multimodal(model, ids, rows, mask)
         return model.logits(model.hidden_states(ids, positions, embeds=embeds)[:, -1])
     return prefill, state
 
 
 def ours_prefill(model, encoder, prompt: VisionPrompt):
     """A zero-argument callable running our multimodal prefill of `prompt` to last-token logits (numpy): the
-    host-side mRoPE positions and feature index, `vision_features` (the encoder), then `jit_prefill`."""
+    host-side mRoPE positions, `vision_features` (the encoder) gathered to the tokens, then `jit_prefill`."""
     prefill, state = jit_prefill(model)
     vcfg = model.config.vision
     ids = jnp.asarray(np.asarray(prompt.token_ids, np.int32)[None])
 
     def run():
         positions, _ = prompt_positions(prompt, vcfg)
-        index = feature_index(prompt, vcfg)[None]
-        features = vision_features(encoder, prompt)
-        return np.asarray(prefill(state, ids, jnp.asarray(positions)[:, None, :], jnp.asarray(index),
-                                  jnp.asarray(features)))
+        rows, mask = gather_features(vision_features(encoder, prompt), feature_index(prompt, vcfg)[None])
+        return np.asarray(prefill(state, ids, jnp.asarray(positions)[:, None, :], jnp.asarray(rows),
+                                  jnp.asarray(mask)))
     return run
 
 
