@@ -34,6 +34,10 @@ from PIL import Image, ImageOps
 from qwen35_jax.config import VisionConfig
 from qwen35_jax.vision.multimodal import VisionPrompt, check_placeholders, grids_of
 from qwen35_jax.vision.processing import (
+    IMAGE_PAD,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
     ImageProcessorConfig,
     ProcessedVision,
     VideoClip,
@@ -46,9 +50,6 @@ from qwen35_jax.vision.processing import (
 )
 from qwen35_jax.vision.rope_index import PlaceholderError
 
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
 _PAD_PATTERN = re.compile(f"{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}")
 _PART_KINDS = ("text", "image", "image_url", "video")
 

@@ -41,6 +41,8 @@ from PIL import Image, ImageOps
 PathLike = str | os.PathLike
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the only resample the released configs use
 ASPECT_RATIO_LIMIT = 200
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"  # the multimodal special tokens' text
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 
 
 class VisionInputError(ValueError):
@@ -525,5 +527,5 @@ def video_prompt_text(timestamps: Sequence[float], grid_thw: Sequence[int], merg
     t, h, w = (int(v) for v in grid_thw)
     if len(timestamps) != t:
         raise ValueError(f"{len(timestamps)} timestamps for grid_t {t}: expected one per temporal group")
-    tokens = "<|video_pad|>" * (h * w // merge_size**2)
-    return "".join(f"<{time:.1f} seconds><|vision_start|>{tokens}<|vision_end|>" for time in timestamps)
+    tokens = VIDEO_PAD * (h * w // merge_size**2)
+    return "".join(f"<{time:.1f} seconds>{VISION_START}{tokens}{VISION_END}" for time in timestamps)
