@@ -28,7 +28,7 @@ from qwen35_jax.tokenizer import IncrementalDecoder, Tokenizer
 from qwen35_jax.vision.chat import vision_chat_prompt, vision_text_prompt
 from qwen35_jax.vision.multimodal import (VisionPrompt, check_placeholders, embed_multimodal, feature_index,
                                           gather_features, prompt_positions, vision_features)
-from qwen35_jax.vision.processing import ImageProcessorConfig, VideoProcessorConfig
+from qwen35_jax.vision.processing import ImageProcessorConfig, VideoProcessorConfig, processor_configs
 
 
 @dataclasses.dataclass
@@ -159,7 +159,7 @@ class Engine:
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.load(tokenizer)
         engine = cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh, vision=vision)
-        engine.image_processor, engine.video_processor = _processor_configs(Path(path))
+        engine.image_processor, engine.video_processor = processor_configs(path, Path(path) / ASSETS)
         return engine
 
     def vision_prompt(self, text: str = "", images=(), videos=(), messages: list[dict] | None = None,
@@ -357,16 +357,6 @@ class Engine:
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
         return prompt if isinstance(prompt, VisionPrompt) else ids
-
-
-def _processor_configs(path: Path) -> tuple[ImageProcessorConfig, VideoProcessorConfig]:
-    """The checkpoint's preprocessor_config.json / video_preprocessor_config.json (in the folder or its assets),
-    else the released Qwen3.5 values."""
-    def read(cls, name):
-        found = [d / name for d in (path, path / ASSETS) if (d / name).is_file()]
-        return cls.from_json(found[0]) if found else cls()
-    return (read(ImageProcessorConfig, "preprocessor_config.json"),
-            read(VideoProcessorConfig, "video_preprocessor_config.json"))
 
 
 def _token_ids(prompt) -> list[int]:

@@ -15,6 +15,7 @@ import jinja2
 import numpy as np
 
 from qwen35_jax.tokenizer import TokenizerError
+from qwen35_jax.vision.chat import has_media
 
 ROW_FIELDS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
 
@@ -236,7 +237,13 @@ def pack_documents(docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int, over
     cut into one-token-overlapping pieces (overflow="split"; every target still counted once) or raises
     DataError naming `where[i]` (overflow="reject"). Documents under 2 tokens have no target and are dropped.
     """
-    pieces = _pieces(docs, seq_len, overflow, where)
+    return place_pieces(_pieces(docs, seq_len, overflow, where), seq_len)[0]
+
+
+def place_pieces(pieces: list[tuple[np.ndarray, np.ndarray]], seq_len: int
+                 ) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+    """(the rows of `pack_documents`, each piece's (row, offset)) for pieces (ids [n], learn [n]) of <= seq_len
+    tokens, placed first-fit in order."""
     tree = _FirstFit(len(pieces), seq_len)
     places = [tree.take(len(ids)) for ids, _ in pieces]
     num_rows = 1 + max((row for row, _ in places), default=-1)
@@ -251,7 +258,7 @@ def pack_documents(docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int, over
         rows["segment_ids"][row, span] = segments[row]
         rows["targets"][row, offset:offset + n - 1] = ids[1:]
         rows["loss_mask"][row, offset:offset + n - 1] = learn[1:]
-    return rows
+    return rows, places
 
 
 # ---- batches -------------------------------------------------------------------------------------------
@@ -259,13 +266,15 @@ class PackedDataset:
     """Packed rows served as deterministic shuffled batches.
 
     The row order is the concatenation over epochs e = 0, 1, ... of `default_rng([seed, e]).permutation(rows)`;
-    batch `step` is entries [step*B, (step+1)*B) of it, so a run resumed at step k sees the same batches."""
+    batch `step` is entries [step*B, (step+1)*B) of it, so a run resumed at step k sees the same batches.
+    With images or videos (`train.vision_data`), `media` holds each row's documents with media and the batches
+    carry the encoder's inputs (`vision_config` gives their geometry)."""
 
-    def __init__(self, rows: dict[str, np.ndarray]):
+    def __init__(self, rows: dict[str, np.ndarray], media: list | None = None, vision_config=None):
         missing = [name for name in ROW_FIELDS if name not in rows]
         if missing:
             raise DataError(f"packed rows lack {missing}")
-        self.rows = rows
+        self.rows, self.media, self.vision_config = rows, media, vision_config
         self._orders: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -293,7 +302,15 @@ class PackedDataset:
         for epoch in np.unique(epochs):
             here = epochs == epoch
             index[here] = self._order(seed, int(epoch))[slots[here]]
-        return {name: values[index] for name, values in self.rows.items()}
+        return self.gather(index)
+
+    def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of rows `index` (int [B]), with the encoder's inputs when the dataset has media."""
+        batch = {name: values[index] for name, values in self.rows.items()}
+        if self.media is not None:
+            from train.vision_data import vision_batch
+            batch.update(vision_batch([self.media[i] for i in index], batch["vision_index"], self.vision_config))
+        return batch
 
     def epoch_of(self, step: int, batch_size: int) -> float:
         """Epochs consumed before batch `step` (by steps 0..step-1)."""
@@ -314,10 +331,14 @@ def unpacked_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def tokenize_examples(example: dict, tokenizer, add_eos: bool = True, chat_kwargs: dict | None = None,
-                      where: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+                      where: str = "", vision=None) -> list:
     """`tokenize_example` as a list of documents. A conversation whose template rewrites history becomes one
     document per assistant turn: the conversation up to that turn, learning only that reply, i.e. each reply
-    in exactly the context the model sees when it generates it (what Qwen3.5's reasoning template implies)."""
+    in exactly the context the model sees when it generates it (what Qwen3.5's reasoning template implies).
+    A conversation with images or videos becomes one `train.vision_data.VisionDocument` (`vision`: a
+    `VisionData`; DataError without one)."""
+    if "messages" in example and has_media(example["messages"]):
+        return [_vision_document(example["messages"], tokenizer, chat_kwargs or {}, where, vision)]
     try:
         return [tokenize_example(example, tokenizer, add_eos, chat_kwargs, where)]
     except HistoryRewritten:
@@ -326,6 +347,21 @@ def tokenize_examples(example: dict, tokenizer, add_eos: bool = True, chat_kwarg
             if message["role"] == "assistant":
                 docs.append(_last_reply(messages[:i + 1], tokenizer, chat_kwargs or {}, f"{where} (turn {i})"))
         return docs
+
+
+def _vision_document(messages: list[dict], tokenizer, chat_kwargs: dict, where: str, vision):
+    from train.vision_data import tokenize_vision_chat
+    if vision is None:
+        raise DataError(f"{_at(where)}the conversation has images or videos, but the model has no vision tower")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{_at(where)}a 'messages' example needs a tokenizer with a chat template; this one has none")
+    try:
+        return tokenize_vision_chat(messages, tokenizer, vision,
+                                    lambda m: _chat_pieces(m, tokenizer, chat_kwargs, where), where)
+    except HistoryRewritten:
+        raise DataError(f"{_at(where)}the chat template rewrites earlier turns of this conversation with images or "
+                        "videos (e.g. drops earlier reasoning), so one turn-by-turn mask cannot exist: split it into "
+                        "one example per assistant turn, each with the images it needs") from None
 
 
 def _last_reply(messages: list[dict], tokenizer, chat_kwargs: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -339,16 +375,35 @@ def _last_reply(messages: list[dict], tokenizer, chat_kwargs: dict, where: str) 
 
 
 def load_dataset(paths: str | Path | list[str | Path], tokenizer, seq_len: int, overflow: str = "split",
-                 add_eos: bool = True, chat_kwargs: dict | None = None) -> PackedDataset:
-    """JSONL files -> tokenized examples (errors name file:line) -> packed rows, in file and line order."""
+                 add_eos: bool = True, chat_kwargs: dict | None = None, vision=None) -> PackedDataset:
+    """JSONL files -> tokenized examples (errors name file:line) -> packed rows, in file and line order.
+    vision: a `train.vision_data.VisionData` when the model has a vision tower (conversations with images or
+    videos then become vision rows; without any, the rows are the text ones)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     docs, where = [], []
     for path in map(Path, paths):
         for number, example in _read_lines(path):
-            new = tokenize_examples(example, tokenizer, add_eos, chat_kwargs, f"{path}:{number}")
+            new = tokenize_examples(example, tokenizer, add_eos, chat_kwargs, f"{path}:{number}", vision)
             docs += new
             where += [f"{path}:{number}"] * len(new)
-    dataset = PackedDataset(pack_documents(docs, seq_len, overflow, where))
+    dataset = _packed(docs, seq_len, overflow, where, vision)
     if len(dataset) == 0:
         raise DataError(f"{', '.join(map(str, paths))}: no document has 2 or more tokens, nothing to train on")
     return dataset
+
+
+def _packed(docs: list, seq_len: int, overflow: str, where: list[str], vision) -> PackedDataset:
+    """Text documents packed as `pack_documents`; with any VisionDocument, all of them as vision rows (text
+    documents split by `overflow` first)."""
+    from train.vision_data import VisionDocument, pack_vision_documents, patch_dim
+    if not any(isinstance(doc, VisionDocument) for doc in docs):
+        return PackedDataset(pack_documents(docs, seq_len, overflow, where))
+    units, names = [], []
+    for doc, name in zip(docs, where):
+        pieces = [doc] if isinstance(doc, VisionDocument) else [
+            VisionDocument.text(ids, learn, patch_dim(vision.config))
+            for ids, learn in _pieces([doc], seq_len, overflow, [name])]
+        units += pieces
+        names += [name] * len(pieces)
+    rows, media = pack_vision_documents(units, seq_len, names)
+    return PackedDataset(rows, media, vision.config)

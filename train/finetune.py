@@ -19,16 +19,19 @@ from flax import nnx
 from qwen35_jax.checkpoint.orbax_io import ASSETS, export_to_hf, is_orbax_checkpoint, save_model
 from qwen35_jax.cli import argument_parser, command
 from qwen35_jax.config import ModelConfig
-from qwen35_jax.loading import load_model, resolve_dtype, shard_model
+from qwen35_jax.loading import load_model, load_vision_tower, resolve_dtype, shard_model
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import make_mesh
 from qwen35_jax.tokenizer import Tokenizer
+from qwen35_jax.vision.encoder import VisionEncoder
+from qwen35_jax.vision.processing import processor_configs
 from train.checkpoint import RunCheckpoints
 from train.config import TrainConfig, TrainConfigError, recipe_names
 from train.data import PackedDataset, load_dataset
 from train.lora import export_peft
 from train.plot import write_loss_plot
 from train.step import Trainer
+from train.vision_data import VisionData
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,6 +56,29 @@ def build_model(tc: TrainConfig, mesh=None) -> Qwen35:
     cfg = ModelConfig.from_hf(tc.model, **tc.model_overrides, scan_layers=tc.scan_layers)
     model = Qwen35(cfg, dtype, nnx.Rngs(tc.seed))
     return model if mesh is None else shard_model(model, mesh)
+
+
+def vision_data(tc: TrainConfig, cfg: ModelConfig) -> VisionData | None:
+    """What tokenizing images and videos needs, for a model with a vision tower: its config and the
+    checkpoint's processor configs (the released Qwen3.5 values for a preset)."""
+    if cfg.vision is None:
+        return None
+    path = Path(tc.model)
+    folders = (path, path / ASSETS) if path.is_dir() else ()
+    return VisionData(cfg.vision, *processor_configs(*folders))
+
+
+def build_vision_tower(tc: TrainConfig, cfg: ModelConfig, mesh=None) -> VisionEncoder:
+    """The vision tower the data's images and videos need: the checkpoint's (tc.model a path), else random init."""
+    dtype = resolve_dtype(tc.param_dtype)
+    if Path(tc.model).is_dir():
+        tower = load_vision_tower(tc.model, dtype, mesh=mesh, compute_dtype=dtype)
+        if tower is None:
+            raise TrainConfigError(f"model={tc.model}: the training data has images or videos but the checkpoint "
+                                   "holds no vision tower tensors (model.visual.*)", key="model")
+        return tower
+    tower = VisionEncoder(cfg.vision, dtype, nnx.Rngs(tc.seed + 1))
+    return tower if mesh is None else shard_model(tower, mesh)
 
 
 def tokenizer_folder(tc: TrainConfig) -> Path:
@@ -111,8 +137,11 @@ def evaluate(trainer: Trainer, params, data: PackedDataset, tc: TrainConfig) -> 
     n = len(data)
     for start in range(0, min(n, tc.eval_batches * tc.batch_size), tc.batch_size):
         index = np.arange(start, start + tc.batch_size)
-        real = (index < n)[:, None]
-        batch = {k: np.where(real, v[np.minimum(index, n - 1)], 0).astype(v.dtype) for k, v in data.rows.items()}
+        batch = data.gather(np.minimum(index, n - 1))
+        for key in data.rows:  # rows past the end: empty (padding everywhere, no vision tokens)
+            value, fill = batch[key], -1 if key == "vision_index" else 0
+            real = (index < n).reshape((-1,) + (1,) * (value.ndim - 1))
+            batch[key] = np.where(real, value, fill).astype(value.dtype)
         m = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
         total, count = total + float(m["ce_sum"]), count + float(m["tokens"])
     return total / max(count, 1.0)
@@ -133,9 +162,12 @@ def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after
                                f"{model.config.vocab_size}")
     if not tc.train_data:
         raise TrainConfigError("train_data: no training files given")
-    data = load_dataset(tc.train_data, tokenizer, tc.seq_len, tc.overflow, tc.add_eos)
-    held_out = load_dataset(tc.eval_data, tokenizer, tc.seq_len, tc.overflow, tc.add_eos) if tc.eval_data else None
-    trainer = Trainer(model, tc, mesh)
+    vision = vision_data(tc, model.config)
+    data = load_dataset(tc.train_data, tokenizer, tc.seq_len, tc.overflow, tc.add_eos, vision=vision)
+    held_out = (load_dataset(tc.eval_data, tokenizer, tc.seq_len, tc.overflow, tc.add_eos, vision=vision)
+                if tc.eval_data else None)
+    with_media = any(d is not None and d.media is not None for d in (data, held_out))
+    trainer = Trainer(model, tc, mesh, vision=build_vision_tower(tc, model.config, mesh) if with_media else None)
     del model
     state = trainer.init_state(trainer.release_params())  # the model's arrays become the state (no copy)
     digest = _data_digest(data)
@@ -158,7 +190,9 @@ def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after
     params = summary.pop("params")
     if trainer.lora is not None:  # the adapter alone, in PEFT's layout, beside the merged model
         summary["adapter"] = str(export_peft(trainer.lora, params, out / "adapter", base_model=tc.model))
-    final = save_model(trainer.model(params), out / "final", assets_from=tokenizer_folder(tc))
+    trained = trainer.model(params)
+    final = save_model(trained, out / "final", assets_from=tokenizer_folder(tc),
+                       vision=getattr(trained, "visual", None))
     summary["final"] = str(final)
     if tc.export_hf:
         summary["export_hf"] = str(export_to_hf(final, tc.export_hf, progress=progress, overwrite=True))

@@ -2,9 +2,10 @@
 
 `frozen` patterns (and LoRA `targets`, `train.lora`) are regexes over HF-style tensor names with real layer
 indices, as HF's causal LM names them: `model.embed_tokens.weight`, `model.layers.3.mlp.gate.weight`,
-`model.layers.0.linear_attn.in_proj_qkv.weight`, `model.layers.3.mlp.experts.gate_up_proj`, `lm_head.weight`.
-With scanned layers one such name is one slice of a stacked parameter along its `layers` axis, so the frozen
-mask of a stacked parameter is a boolean per slice [num_periods]."""
+`model.layers.0.linear_attn.in_proj_qkv.weight`, `model.layers.3.mlp.experts.gate_up_proj`, `lm_head.weight`,
+and the vision tower's `model.visual.blocks.0.attn.qkv.weight` when it is trained. With scanned layers one such
+name is one slice of a stacked parameter along its `layers` axis, so the frozen mask
+of a stacked parameter is a boolean per slice [num_periods]."""
 
 from __future__ import annotations
 
@@ -67,23 +68,23 @@ def frozen_mask(cfg, params, patterns: list[str]) -> dict:
     gate_proj + up_proj; in_proj_q/k/v: in_proj_qkv) is frozen only with all of them. Errors (TrainConfigError):
     a pattern that is not a regex or matches nothing, a partly matched fused tensor, everything frozen."""
     from train.config import TrainConfigError
-    rules = hf_rules(cfg)
-    matched = select_names([n for r in rules for n in r.hf], patterns, "frozen")
+    rules = [(r.hf, r.ours, r.period) for r in hf_rules(cfg)] + _vision_rules(cfg, params)
+    matched = select_names([n for hf, _, _ in rules for n in hf], patterns, "frozen")
     slices = set()
-    for rule in rules:
-        hit = [n in matched for n in rule.hf]
+    for hf, ours, period in rules:
+        hit = [n in matched for n in hf]
         if any(hit) and not all(hit):
-            raise TrainConfigError(f"frozen: {[n for n, h in zip(rule.hf, hit) if h]} are stored together with "
-                                   f"{[n for n, h in zip(rule.hf, hit) if not h]}: freeze them together",
+            raise TrainConfigError(f"frozen: {[n for n, h in zip(hf, hit) if h]} are stored together with "
+                                   f"{[n for n, h in zip(hf, hit) if not h]}: freeze them together",
                                    key="frozen")
         if all(hit):
-            slices.update((tuple(p), rule.period) for p in rule.ours)
+            slices.update((tuple(p), period) for p in ours)
 
     def leaf(path, p):
         path = _keys(path)
         if (path, None) in slices:
             return np.ones((), bool)
-        stacked = path[:3] == ("decoder", "periods", "layers") and cfg.num_periods > 1
+        stacked = (path[:3] == ("decoder", "periods", "layers") and cfg.num_periods > 1) or path[:2] == VISION_BLOCKS
         if not stacked:
             return np.zeros((), bool)
         return np.array([(path, i) in slices for i in range(p.shape[0])])
@@ -91,6 +92,18 @@ def frozen_mask(cfg, params, patterns: list[str]) -> dict:
     if patterns and all(m.all() for m in jax.tree.leaves(mask)):
         raise TrainConfigError(f"frozen={patterns}: these patterns freeze every parameter", key="frozen")
     return mask
+
+
+VISION_BLOCKS = ("visual", "blocks")  # the vision tower's stacked blocks, when a trainer trains it (`visual`)
+
+
+def _vision_rules(cfg, params) -> list[tuple[tuple[str], tuple[tuple], int | None]]:
+    """(HF names, our paths, `layers` slice) of the vision tower's tensors (`model.visual.*`) when `params` hold
+    it under `visual`, else none."""
+    if not any(_keys(p)[:1] == ("visual",) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
+        return []
+    from qwen35_jax.vision.weights import vision_rules
+    return [((r.hf,), (("visual", *r.ours),), r.layer) for r in vision_rules(cfg.vision)]
 
 
 def slice_mask(mask: np.ndarray, ndim: int) -> np.ndarray:

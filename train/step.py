@@ -12,12 +12,15 @@ from jax.sharding import NamedSharding
 from qwen35_jax.loading import resolve_dtype
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import logical_spec, variable_sharding
+from qwen35_jax.vision.multimodal import embed_multimodal
 from train.lora import DECODER, LoraSpec, PeriodMerge, adapter_variables, merged_params
 from train.loss import cross_entropy_sum, load_balancing_loss, router_z_loss
 from train.optim import (freeze, frozen_mask, is_variable, learning_rate_schedule, make_optimizer, matrix_mask,
                          plain_values)
+from train.vision_data import VISION_BATCH_KEYS
 
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
+BATCH_ROWS = BATCH_KEYS + ("vision_index",)  # the fields with a leading batch axis (split over the mesh)
 
 
 def _keys(path) -> tuple:
@@ -28,13 +31,25 @@ def _flat(tree) -> dict:
     return {_keys(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def vision_embeddings(model, batch: dict) -> jax.Array:
+    """The token embeddings [B, L, H] of a vision batch (`train.vision_data`): the encoder (`model.visual`) run
+    on the batch's patches, its outputs scattered in at `vision_index`."""
+    features = model.visual(batch["pixel_values"], batch["interp_index"], batch["interp_weight"], batch["rope_hw"],
+                            batch["vision_segments"])
+    index = batch["vision_index"]
+    return embed_multimodal(model, batch["input_ids"], jnp.take(features, jnp.maximum(index, 0), axis=0), index >= 0)
+
+
 class Trainer:
     """Training for one model + config: `state = trainer.init_state()`, then
     `state, metrics = trainer.train_step(state, trainer.put_batch(batch))`.
 
     The state is a dict {"params": the trained arrays as nnx State, "opt_state": optax state, "step": int32
     scalar, "rng": uint32 key data}. A batch is a dict of [batch_size, seq_len] arrays (`train.data`): input_ids,
-    positions, segment_ids (0 = padding), targets, loss_mask.
+    positions, segment_ids (0 = padding), targets, loss_mask; with a vision tower (`vision`, a
+    `qwen35_jax.vision.encoder.VisionEncoder`, trained beside the text model as `model.visual`: its parameters
+    are params["visual"], frozen by `frozen` patterns over its `model.visual.*` names) a batch may be a vision
+    batch (`train.vision_data`: [B, 3, L] mRoPE positions and the encoder's inputs).
 
     Full fine-tuning trains the model's parameters (param_dtype master weights). With `tc.lora` (`train.lora`)
     the state's params are the float32 adapters only (what the optimizer sees and checkpoints hold); the frozen
@@ -46,7 +61,14 @@ class Trainer:
     remat they are recomputed in the backward pass); the embeddings, final norm and lm_head are cast before.
     """
 
-    def __init__(self, model: Qwen35, tc, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, model: Qwen35, tc, mesh: jax.sharding.Mesh | None = None, vision=None):
+        if vision is not None:
+            if tc.lora is not None:
+                from train.config import TrainConfigError
+                raise TrainConfigError("lora: training with images or videos (a vision tower) is not supported with "
+                                       "LoRA yet; use full fine-tuning, with `frozen` patterns to freeze parts",
+                                       key="lora")
+            model.visual = vision  # trained beside the text model: its parameters are params["visual"]
         self.config, self.tc, self.mesh = model.config, tc, mesh
         self.graphdef, variables = nnx.split(model)
         self.lora = None if tc.lora is None else LoraSpec.from_config(self.config, tc.lora)
@@ -178,14 +200,17 @@ class Trainer:
         """Host numpy batch -> device arrays, rows split over the mesh's data/fsdp axes. With several processes,
         each passes the whole global batch and contributes the rows its devices hold."""
         out = {}
-        for key in BATCH_KEYS:
+        for key in BATCH_KEYS + tuple(k for k in VISION_BATCH_KEYS if k in batch):
             value = np.asarray(batch[key])
-            sharding = self.batch_sharding(value.shape)
+            sharding = self.batch_sharding(value.shape) if key in BATCH_ROWS else self._replicated()
             if sharding is None:
                 out[key] = jnp.asarray(value)
             else:
                 out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
         return out
+
+    def _replicated(self):
+        return None if self.mesh is None else NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
     # ----- loss -----
     def _cast(self, params, base=None):
@@ -232,9 +257,12 @@ class Trainer:
         base: the frozen base parameters (LoRA only)."""
         tree, hook = self._cast(params, base)
         model = nnx.merge(self.graphdef, tree)
-        hidden, stats = model.train_hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
+        positions, embeds = batch["positions"], None
+        if "vision_index" in batch:
+            positions, embeds = jnp.moveaxis(positions, 1, 0), vision_embeddings(model, batch)
+        hidden, stats = model.train_hidden_states(batch["input_ids"], positions, batch["segment_ids"],
                                                   router_stats=self.config.is_moe, remat=self.tc.remat,
-                                                  moe_backend=self.tc.moe_backend, **hook)
+                                                  moe_backend=self.tc.moe_backend, embeds=embeds, **hook)
         ce = cross_entropy_sum(hidden, model.logits, batch["targets"], batch["loss_mask"], self.tc.loss_chunk)
         metrics = {"ce_sum": ce}
         objective = ce / n_counted

@@ -128,9 +128,10 @@ def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloa
 
 
 def save_model(model, out: str | Path, dtype: str = "float32", assets_from: str | Path | None = None,
-               overwrite: bool = True) -> Path:
+               overwrite: bool = True, vision=None) -> Path:
     """Writes an in-memory `Qwen35` as a model checkpoint in the converter's layout (loadable by `load_model`,
-    `Engine.load`, exportable with `export_to_hf`); tokenizer files are copied from `assets_from` when given.
+    `Engine.load`, exportable with `export_to_hf`); tokenizer files are copied from `assets_from` when given;
+    `vision` (a VisionEncoder, e.g. a fine-tuned tower) is stored as a conversion stores the vision tensors.
     Staged and renamed at the end, like a conversion."""
     out = orbax_path(out)
     if dtype not in STORE_DTYPES:
@@ -144,6 +145,10 @@ def save_model(model, out: str | Path, dtype: str = "float32", assets_from: str 
         for p, keys in zip(rule.ours, rule.stored_keys()):
             value = values[p] if rule.period is None else values[p][rule.period]
             _nest(tree, ("params", *keys), _stored(np.asarray(jax.device_get(value)), STORE_DTYPES[dtype]))
+    if vision is not None:
+        from qwen35_jax.vision.weights import vision_to_hf
+        for name, value in vision_to_hf(vision).items():
+            _nest(tree, ("extra", name), _stored(value, STORE_DTYPES[dtype]))
     _clear_staging(out)
     staging = _staging(out)
     ocp.partial.save(staging, tree, custom_metadata={"format": FORMAT, "config": cfg.to_hf(), "dtype": dtype,

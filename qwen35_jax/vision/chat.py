@@ -82,12 +82,20 @@ def expand_vision_placeholders(text: str, images: ProcessedVision | None, videos
     """Replaces, in order, the i-th `<|image_pad|>` of `text` by image i's placeholder run and the i-th
     `<|video_pad|>` by video i's `video_prompt_text`, as HF's `Qwen3VLProcessor` does. Raises PlaceholderError
     (naming both counts) when the text's pads and the images / videos differ in number."""
+    return expand_placeholders_in_pieces([text], images, videos, merge_size)[0]
+
+
+def expand_placeholders_in_pieces(texts: Sequence[str], images: ProcessedVision | None,
+                                  videos: ProcessedVision | None, merge_size: int = 2) -> list[str]:
+    """`expand_vision_placeholders` over consecutive pieces of one text (e.g. a conversation cut into
+    loss-masked pieces): the pads are numbered across the pieces, in order."""
     replacements = {IMAGE_PAD: _image_replacements(images, merge_size),
                     VIDEO_PAD: _video_replacements(videos, merge_size)}
-    _check_counts(text, IMAGE_PAD, replacements[IMAGE_PAD], "image")
-    _check_counts(text, VIDEO_PAD, replacements[VIDEO_PAD], "video")
+    whole = "".join(texts)
+    _check_counts(whole, IMAGE_PAD, replacements[IMAGE_PAD], "image")
+    _check_counts(whole, VIDEO_PAD, replacements[VIDEO_PAD], "video")
     pending = {pad: iter(runs) for pad, runs in replacements.items()}
-    return _PAD_PATTERN.sub(lambda match: next(pending[match.group()]), text)
+    return [_PAD_PATTERN.sub(lambda match: next(pending[match.group()]), text) for text in texts]
 
 
 # ---------------------------------------------------------------------------------------------------------- images
@@ -176,6 +184,23 @@ def _normalise_messages(messages: Sequence[dict], media: _Media) -> list[dict]:
             message = {**message, "content": content}
         out.append(message)
     return out
+
+
+def collect_media(messages: Sequence[dict], video_cfg: VideoProcessorConfig = VideoProcessorConfig()
+                  ) -> tuple[list[dict], list[Any], list[VideoClip]]:
+    """(the messages as the chat template reads them, image sources, video clips), media in message order.
+    Raises VisionInputError naming the message and part of an unusable one."""
+    media = _Media(video_cfg)
+    return _normalise_messages(messages, media), media.images, media.videos
+
+
+def has_media(messages: Any) -> bool:
+    """Whether any message's content list holds an image, image_url or video part."""
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(part, dict) and (part.get("type") in _PART_KINDS[1:] or
+                                    (not part.get("type") and any(k in part for k in _PART_KINDS[1:])))
+        for message in messages if isinstance(message, dict) and isinstance(message.get("content"), (list, tuple))
+        for part in message["content"])
 
 
 # -------------------------------------------------------------------------------------------------------------- API

@@ -33,6 +33,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,16 @@ class VideoProcessorConfig(ImageProcessorConfig):
     do_sample_frames: bool = True
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 768
+
+
+def processor_configs(*folders: PathLike) -> tuple[ImageProcessorConfig, VideoProcessorConfig]:
+    """The first `preprocessor_config.json` / `video_preprocessor_config.json` found in `folders` (e.g. a
+    checkpoint and its assets), else the released Qwen3.5 values."""
+    def read(cls, name):
+        found = [Path(d) / name for d in folders if (Path(d) / name).is_file()]
+        return cls.from_json(found[0]) if found else cls()
+    return (read(ImageProcessorConfig, "preprocessor_config.json"),
+            read(VideoProcessorConfig, "video_preprocessor_config.json"))
 
 
 # JSON keys that must hold these values: the processors implement only the released settings for them.
