@@ -4,6 +4,7 @@ A JSONL line is `{"text": str}` (learn every token), `{"prompt": str, "completio
 the completion, as TRL's prompt-completion format) or `{"messages": [{"role", "content", ...}, ...]}` (a chat,
 rendered with the tokenizer's chat template; learn only the assistant replies). Documents are packed greedily
 into rows of `seq_len` tokens; `segment_ids` keep documents apart (attention and targets never cross them).
+Conversations with image / video parts become vision rows (`train.vision_data`) when the model has a vision tower.
 """
 
 from __future__ import annotations
