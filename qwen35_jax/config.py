@@ -320,6 +320,9 @@ def validate(c: ModelConfig) -> None:
     if len(c.mrope_section) != 3 or sum(c.mrope_section) != rot // 2:
         raise ConfigError(f"mrope_section={list(c.mrope_section)} must have 3 entries summing to rotary_dim/2="
                           f"{rot // 2} (head_dim={c.head_dim} x partial_rotary_factor={c.partial_rotary_factor})")
+    if c.mtp_num_hidden_layers not in (0, 1):
+        raise ConfigError(f"mtp_num_hidden_layers={c.mtp_num_hidden_layers!r}: expected 0 (no MTP block) or 1 "
+                          "(one MTP layer, as every released checkpoint has)")
     if c.is_moe:
         for name in ("num_experts_per_tok", "moe_intermediate_size"):
             if getattr(c, name) <= 0:

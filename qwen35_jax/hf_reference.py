@@ -91,6 +91,72 @@ def random_checkpoint(source: str | dict, seed: int = 0, **overrides):
         yield model, save_hf_model(model, Path(folder))
 
 
+def mtp_tensor_shapes(text: dict, layout: str = "per_expert") -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the `mtp.*` tensors of an HF text config dict (spec sections 8 and 9, written out here
+    independently of the name table): fc, three norms, one full-attention layer with the model's MLP, or MoE
+    with experts "per_expert" (`experts.{e}.gate_proj.weight`, ...) or "fused" (`experts.gate_up_proj`)."""
+    h, nq, nkv, d = (text[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
+    p = "mtp.layers.0."
+    shapes = {"mtp.fc.weight": (h, 2 * h), "mtp.pre_fc_norm_embedding.weight": (h,),
+              "mtp.pre_fc_norm_hidden.weight": (h,), "mtp.norm.weight": (h,),
+              p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+              p + "self_attn.q_proj.weight": (2 * nq * d, h), p + "self_attn.k_proj.weight": (nkv * d, h),
+              p + "self_attn.v_proj.weight": (nkv * d, h), p + "self_attn.o_proj.weight": (h, nq * d),
+              p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+
+    def mlp(prefix, inner):
+        return {f"{prefix}.gate_proj.weight": (inner, h), f"{prefix}.up_proj.weight": (inner, h),
+                f"{prefix}.down_proj.weight": (h, inner)}
+    if not text.get("num_experts"):
+        return shapes | mlp(p + "mlp", text["intermediate_size"])
+    n, inner = text["num_experts"], text["moe_intermediate_size"]
+    shapes |= {p + "mlp.gate.weight": (n, h), p + "mlp.shared_expert_gate.weight": (1, h)}
+    shapes |= mlp(p + "mlp.shared_expert", text["shared_expert_intermediate_size"])
+    if layout == "fused":
+        return shapes | {p + "mlp.experts.gate_up_proj": (n, 2 * inner, h), p + "mlp.experts.down_proj": (n, h, inner)}
+    for e in range(n):
+        shapes |= mlp(f"{p}mlp.experts.{e}", inner)
+    return shapes
+
+
+def add_mtp_tensors(folder: str | Path, layout: str = "per_expert", seed: int = 0,
+                    std: float = 0.02) -> dict[str, np.ndarray]:
+    """Writes seeded random float32 `mtp.*` tensors (`mtp_tensor_shapes`) into an HF checkpoint folder, as the
+    file `mtp.safetensors` (added to the index when there is one), and sets `mtp_num_hidden_layers: 1` in its
+    config.json (transformers neither saves nor loads the MTP block). Matrices ~ N(0, std), norm weights
+    0.1 * N(0, 1) (zero-centred offsets). The same seed gives the same weights in either layout (the fused
+    tensors are the per-expert ones stacked, gate rows then up rows). Returns {name: array}."""
+    from safetensors.numpy import save_file
+    folder = Path(folder)
+    data = json.loads((folder / "config.json").read_text())
+    text = data.get("text_config", data)
+    rng = np.random.default_rng(seed)
+    tensors = {name: (0.1 if len(shape) == 1 else std) * rng.standard_normal(shape).astype(np.float32)
+               for name, shape in mtp_tensor_shapes(text, "per_expert").items()}
+    if layout == "fused" and text.get("num_experts"):
+        tensors = _fuse_experts(tensors, text["num_experts"])
+    assert {n: t.shape for n, t in tensors.items()} == mtp_tensor_shapes(text, layout)
+    save_file(tensors, folder / "mtp.safetensors", metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data_index = json.loads(index.read_text())
+        data_index["weight_map"].update({name: "mtp.safetensors" for name in tensors})
+        index.write_text(json.dumps(data_index, indent=2))
+    text["mtp_num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(data, indent=2))
+    return tensors
+
+
+def _fuse_experts(tensors: dict, n: int) -> dict:
+    """Per-expert MTP expert tensors -> `experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)."""
+    p = "mtp.layers.0.mlp.experts."
+    out = {k: v for k, v in tensors.items() if not k.startswith(p)}
+    gate, up, down = ([tensors[f"{p}{e}.{w}_proj.weight"] for e in range(n)] for w in ("gate", "up", "down"))
+    out[p + "gate_up_proj"] = np.concatenate([np.stack(gate), np.stack(up)], axis=1)
+    out[p + "down_proj"] = np.stack(down)
+    return out
+
+
 def load_hf_model(folder: str | Path, dtype: str = "float32"):
     """An HF checkpoint folder as a transformers causal LM (text tower only) in eval mode."""
     data = json.loads((Path(folder) / "config.json").read_text())

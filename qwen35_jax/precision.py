@@ -3,8 +3,9 @@
 * Matmul precision follows the compute dtype: a float32 model traces every matmul / einsum with HIGHEST
   precision (TPU's default runs a float32 matmul as one bfloat16 pass, recent NVIDIA GPUs as TF32, so
   float32 parity would otherwise hold on CPU only); a bfloat16 model keeps the backend's fast default.
-  `Qwen35`'s public methods enter `precision_scope(model's compute dtype)`; the choice is read by JAX when it
-  traces (`jax.default_matmul_precision`), so it is fixed in the jaxpr, transposes included.
+  `Qwen35`'s and `MTP`'s public methods enter `precision_scope(model's compute dtype)`
+  (`under_precision_policy`); the choice is read by JAX when it traces (`jax.default_matmul_precision`), so
+  it is fixed in the jaxpr, transposes included.
 * The Gated DeltaNet core and the MoE router compute in float32 with HIGHEST precision in every mode
   (`highest_precision`): errors compound through the recurrence, and a bfloat16 router flips near-ties.
 * On CPU a model computes in float32 whatever its storage dtype (`compute_dtype`): XLA:CPU runs bfloat16
@@ -41,6 +42,16 @@ def matmul_scope(precision: str | None):
 def precision_scope(compute_dtype):
     """`matmul_scope` of the policy for `compute_dtype` (HIGHEST for float32, a no-op for bfloat16)."""
     return matmul_scope(matmul_precision(compute_dtype))
+
+
+def under_precision_policy(method):
+    """Decorator for a public method of a module with a `compute_dtype` property (`Qwen35`, `MTP`): the method
+    traces under `precision_scope(self.compute_dtype)` (HIGHEST for float32, the backend default for bfloat16)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with precision_scope(self.compute_dtype):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def highest_precision(fn):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import jax
@@ -9,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen35_jax.checkpoint.names import Rule, checkpoint_rules, detect_layout, is_skipped
+from qwen35_jax.checkpoint.names import MTP_PREFIX, Rule, checkpoint_rules, detect_layout, has_mtp_tensors, is_skipped
 from qwen35_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFolder
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.model import Qwen35
+
+log = logging.getLogger(__name__)
 
 
 def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State, dict]:
@@ -27,7 +31,17 @@ def layer_shape(variable, rule: Rule) -> tuple[int, ...]:
     return shape[1:] if rule.period is not None else shape
 
 
-def check_tensors(folder: SafetensorsFolder, rules: list[Rule], variables: dict) -> None:
+def without_missing_mtp(cfg: ModelConfig, has_mtp: bool, where) -> ModelConfig:
+    """The config the checkpoint's tensors can fill: `cfg`, or `cfg` with its MTP block off (and a warning
+    saying so) when it has one but the checkpoint holds no `mtp.*` tensors (an HF fine-tune, say)."""
+    if not cfg.mtp_num_hidden_layers or has_mtp:
+        return cfg
+    log.warning("%s: the config has an MTP block (mtp_num_hidden_layers=%d) but the checkpoint holds no %s* "
+                "tensors: loading it without MTP", where, cfg.mtp_num_hidden_layers, MTP_PREFIX)
+    return dataclasses.replace(cfg, mtp_num_hidden_layers=0)
+
+
+def check_tensors(folder: SafetensorsFolder, rules: list[Rule], variables: dict, cfg: ModelConfig) -> None:
     """Raises one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
     present = set(folder.names())
     expected, problems = set(), []
@@ -44,7 +58,7 @@ def check_tensors(folder: SafetensorsFolder, rules: list[Rule], variables: dict)
                 problems.append(f"tensor {name} in {folder.file_of(name).path.name} has shape {list(got)}, "
                                 f"expected {list(want.shape)} from config.json")
     problems += [f"unexpected tensor {n} in {folder.file_of(n).path.name}"
-                 for n in sorted(present - expected) if not is_skipped(n)]
+                 for n in sorted(present - expected) if not is_skipped(n, cfg)]
     if problems:
         shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
         raise CheckpointError(f"{folder.folder}: checkpoint does not match its config ({len(problems)} problems):"
@@ -52,14 +66,15 @@ def check_tensors(folder: SafetensorsFolder, rules: list[Rule], variables: dict)
 
 
 def load_hf(path: str | Path, dtype=jnp.float32, cfg: ModelConfig | None = None) -> Qwen35:
-    """Loads an HF folder (config.json + *.safetensors [+ index]) into a `Qwen35` of `dtype`."""
+    """Loads an HF folder (config.json + *.safetensors [+ index]) into a `Qwen35` of `dtype`, its MTP block
+    included when the config has one and the folder holds its tensors (`without_missing_mtp`)."""
     path = Path(path)
     cfg = cfg or ModelConfig.from_hf(path)
     folder = SafetensorsFolder(path)
-    prefix, fused = detect_layout(folder.names())
-    rules = checkpoint_rules(cfg, prefix, fused)
+    cfg = without_missing_mtp(cfg, has_mtp_tensors(folder.names()), path)
+    rules = checkpoint_rules(cfg, *detect_layout(folder.names()))
     graphdef, state, variables = abstract_model(cfg, dtype)
-    check_tensors(folder, rules, variables)
+    check_tensors(folder, rules, variables, cfg)
     arrays = {p: np.empty(v.get_value().shape, v.get_value().dtype) for p, v in variables.items()}
     for rule in rules:
         values = rule.to_ours(*(folder.get(n) for n in rule.hf))

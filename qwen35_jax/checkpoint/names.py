@@ -4,13 +4,15 @@ A `Rule` links a group of HF tensors to a group of our parameters (one HF `in_pr
 projections; HF `gate_proj` + `up_proj` <-> our `gate_up`; 2E per-expert tensors <-> one stacked array).
 `to_ours` / `to_hf` work on numpy arrays and on jax arrays / tracers alike, so `jax.eval_shape` of
 `to_hf` gives the expected HF shapes without touching data. The HF loader, the Orbax converter and the
-HF exporter all go through `checkpoint_rules`.
+HF exporter all go through `checkpoint_rules`. The MTP block (`mtp.*`) is in the table when the config has
+one: its experts per expert (`mtp.layers.0.mlp.experts.{e}.gate_proj.weight`, the Qwen3.5 BF16 releases, even
+where the main layers are fused) or fused (Qwen3.6), detected separately from the main layers' layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,8 @@ from qwen35_jax.config import ModelConfig
 
 Path = tuple  # a parameter path in the NNX state, e.g. ("decoder", "periods", "layers", 0, "mlp", "down")
 TEXT_PREFIXES = ("model.language_model.", "model.")
-SKIPPED_PREFIXES = ("model.visual.", "mtp.")  # carried by the converter; no modules yet
+VISION_PREFIX = "model.visual."  # the vision tower's table: qwen35_jax.vision.weights
+MTP_PREFIX = "mtp."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +201,23 @@ def layer_rules(cfg: ModelConfig, layer_type: str, fused_experts: bool) -> list:
     return rules
 
 
+def mtp_rules(cfg: ModelConfig, fused_experts: bool) -> list[Rule]:
+    """The MTP block's rules (`mtp.*` <-> `Qwen35.mtp`, spec section 8): fc, three norms, one full-attention
+    layer with the model's MLP / MoE (experts fused or per expert)."""
+    rules = [Rule((f"{MTP_PREFIX}fc.weight",), (("mtp", "fc"),), *_linear(cfg.hidden_size))]
+    rules += [Rule((f"{MTP_PREFIX}{n}.weight",), (("mtp", n, "weight"),), *_same())
+              for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")]
+    for hf, ours, (to_ours, to_hf) in layer_rules(cfg, "full_attention", fused_experts):
+        rules.append(Rule(tuple(f"{MTP_PREFIX}layers.0.{n}" for n in hf), tuple(("mtp", "layer") + p for p in ours),
+                          to_ours, to_hf))
+    return rules
+
+
 def checkpoint_rules(cfg: ModelConfig, text_prefix: str = "model.language_model.",
-                     fused_experts: bool = True) -> list[Rule]:
-    """Every rule of the text model, with absolute HF names and absolute parameter paths."""
+                     fused_experts: bool = True, mtp_fused_experts: bool = False) -> list[Rule]:
+    """Every rule of the text model (and of its MTP block when the config has one), with absolute HF names and
+    absolute parameter paths. The defaults are the Qwen3.5 BF16 release layout: main-layer experts fused, MTP
+    experts per expert."""
     rules = [Rule((f"{text_prefix}embed_tokens.weight",), (("embed_tokens",),), *_same()),
              Rule((f"{text_prefix}norm.weight",), (("norm", "weight"),), *_same())]
     if not cfg.tie_word_embeddings:
@@ -213,19 +230,35 @@ def checkpoint_rules(cfg: ModelConfig, text_prefix: str = "model.language_model.
             rules.append(Rule(tuple(f"{text_prefix}layers.{i}.{n}" for n in hf),
                               tuple(base + p for p in ours), to_ours, to_hf,
                               i // period if stacked else None, i))
+    if cfg.mtp_num_hidden_layers:
+        rules += mtp_rules(cfg, mtp_fused_experts)
     return rules
 
 
-def detect_layout(names) -> tuple[str, bool]:
-    """(text prefix, fused experts?) from an HF checkpoint's tensor names."""
+class Layout(NamedTuple):
+    """An HF checkpoint's naming: `checkpoint_rules(cfg, *layout)`."""
+
+    text_prefix: str
+    fused_experts: bool       # main layers: experts.gate_up_proj / down_proj (else experts.{e}.*_proj.weight)
+    mtp_fused_experts: bool   # the same for the MTP layer
+
+
+def detect_layout(names) -> Layout:
+    """The layout of an HF checkpoint from its tensor names (main and MTP experts each fused or per expert)."""
     names = list(names)
     prefix = next((p for p in TEXT_PREFIXES if any(n.startswith(p + "layers.") or n == p + "embed_tokens.weight"
                                                    for n in names)), TEXT_PREFIXES[0])
-    fused = any(n.endswith("mlp.experts.gate_up_proj") for n in names) or \
-        not any(".mlp.experts." in n for n in names)
-    return prefix, fused
+    mtp = [n for n in names if n.startswith(MTP_PREFIX)]
+    main = [n for n in names if not n.startswith(MTP_PREFIX)]
+    fused = any(n.endswith("mlp.experts.gate_up_proj") for n in main) or not any(".mlp.experts." in n for n in main)
+    return Layout(prefix, fused, any(n.endswith("mlp.experts.gate_up_proj") for n in mtp))
 
 
-def is_skipped(name: str) -> bool:
-    """Vision and MTP tensors: recognised, not loaded into the text model."""
-    return name.startswith(SKIPPED_PREFIXES)
+def has_mtp_tensors(names) -> bool:
+    return any(n.startswith(MTP_PREFIX) for n in names)
+
+
+def is_skipped(name: str, cfg: ModelConfig) -> bool:
+    """Tensors recognised but outside the text model's table, carried as stored by the converter: the vision
+    tower's, and `mtp.*` when the config has no MTP block (mtp_num_hidden_layers=0)."""
+    return name.startswith(VISION_PREFIX) or (name.startswith(MTP_PREFIX) and not cfg.mtp_num_hidden_layers)

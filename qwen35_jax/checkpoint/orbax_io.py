@@ -1,9 +1,10 @@
 """Orbax checkpoints: streaming HF -> Orbax conversion, restore (optionally straight into shardings),
 and export back to HF safetensors (written by `safetensors_io.ShardWriter`).
 
-Layout (an Orbax v1 PyTree checkpoint): {"params": {our arrays, per HF layer: "layers"/"7"/...},
-"extra": {HF name: tensor} (vision and MTP tensors, carried as stored)}; the model config (HF form) and the
-format tag live in the checkpoint's custom metadata. Per-layer keys make a checkpoint independent of the
+Layout (an Orbax v1 PyTree checkpoint): {"params": {our arrays, per HF layer: "layers"/"7"/..., the MTP block
+under "mtp"}, "extra": {HF name: tensor} (vision tensors, and MTP tensors of a config without MTP, carried as
+stored)}; the model config (HF form), the format tag and the source's MTP expert layout live in the
+checkpoint's custom metadata. Per-layer keys make a checkpoint independent of the
 scan period and of the mesh it was written on.
 """
 
@@ -22,8 +23,8 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
-from qwen35_jax.checkpoint.hf_loader import abstract_model, check_tensors, layer_shape
-from qwen35_jax.checkpoint.names import Rule, checkpoint_rules, detect_layout, is_skipped
+from qwen35_jax.checkpoint.hf_loader import abstract_model, check_tensors, layer_shape, without_missing_mtp
+from qwen35_jax.checkpoint.names import Rule, checkpoint_rules, detect_layout, has_mtp_tensors, is_skipped
 from qwen35_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFolder, ShardWriter
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.sharding import variable_sharding
@@ -97,15 +98,17 @@ def convert_hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "bfloa
         raise CheckpointError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
     cfg = ModelConfig.from_hf(hf_dir)
     folder = SafetensorsFolder(hf_dir)
-    prefix, fused = detect_layout(folder.names())
-    rules = checkpoint_rules(cfg, prefix, fused)
-    _, _, variables = abstract_model(cfg, jnp.float32)
-    check_tensors(folder, rules, variables)
-    extras = sorted(n for n in folder.names() if is_skipped(n))
+    model_cfg = without_missing_mtp(cfg, has_mtp_tensors(folder.names()), hf_dir)
+    layout = detect_layout(folder.names())
+    rules = checkpoint_rules(model_cfg, *layout)
+    _, _, variables = abstract_model(model_cfg, jnp.float32)
+    check_tensors(folder, rules, variables, model_cfg)
+    extras = sorted(n for n in folder.names() if is_skipped(n, model_cfg))
     store = STORE_DTYPES[dtype]
     _clear_staging(out)
     staging = _staging(out)
-    metadata = {"format": FORMAT, "config": cfg.to_hf(), "dtype": dtype, "source": str(hf_dir)}
+    metadata = {"format": FORMAT, "config": cfg.to_hf(), "dtype": dtype, "source": str(hf_dir),
+                "mtp_fused_experts": layout.mtp_fused_experts}  # export writes the MTP experts back as they came
     bar = _progress(folder, rules, extras, progress)
     batch = _SaveBatch(staging, metadata, batch_bytes)
     for rule in rules:
@@ -208,6 +211,8 @@ def load_orbax(path: str | Path, dtype=jnp.float32, mesh=None, cfg: ModelConfig 
     into its target sharding (each device reads its own slice); per-layer arrays are then stacked on device."""
     path = orbax_path(path)
     cfg = cfg or ModelConfig.from_dict(read_metadata(path)["config"], where=str(path))
+    stored = _stored_tree(path)
+    cfg = without_missing_mtp(cfg, _has(stored, ("params", "mtp")), path)
     graphdef, state, variables = abstract_model(cfg, dtype)
     rules = checkpoint_rules(cfg)
     abstract, placement = {}, {}
@@ -218,7 +223,6 @@ def load_orbax(path: str | Path, dtype=jnp.float32, mesh=None, cfg: ModelConfig 
             _nest(abstract, ("params", *keys), jax.ShapeDtypeStruct(layer_shape(variables[p], rule), dtype,
                                                                      sharding=sharding))
             placement.setdefault(p, []).append((rule.period, keys))
-    stored = _stored_tree(path)
     missing = sorted("/".join(k) for p in placement for _, k in placement[p] if not _has(stored, ("params", *k)))
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks arrays the config needs: {missing[:10]}")
@@ -238,8 +242,8 @@ def load_orbax(path: str | Path, dtype=jnp.float32, mesh=None, cfg: ModelConfig 
 
 
 def load_extras(path: str | Path, prefix: str) -> dict[str, np.ndarray]:
-    """{HF name: host array} of the tensors carried under "extra" whose names start with `prefix` (vision and
-    MTP tensors, as stored: float32 or bfloat16); {} when there are none."""
+    """{HF name: host array} of the tensors carried under "extra" whose names start with `prefix` (vision
+    tensors, and MTP tensors of a config without MTP, as stored: float32 or bfloat16); {} when there are none."""
     path = orbax_path(path)
     stored = _stored_tree(path)
     names = [n for n in stored.get("extra", {}) if n.startswith(prefix)]
@@ -291,8 +295,9 @@ def _get(tree, keys):
 def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
                  overwrite: bool = False) -> Path:
     """Writes an HF folder (config.json, sharded safetensors in the released layout: `model.language_model.`
-    prefix, fused experts; model.safetensors.index.json) that transformers `from_pretrained` loads. An existing
-    `out` is replaced only with `overwrite`."""
+    prefix, fused experts, the MTP experts as the converted source stored them (per expert by default);
+    model.safetensors.index.json) that transformers `from_pretrained` loads. An existing `out` is replaced only
+    with `overwrite`."""
     ckpt, out = orbax_path(ckpt), Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
@@ -309,7 +314,8 @@ def export_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), tree)
     params = ocp.load_pytree(ckpt, jax.tree.map(lambda _: ocp.PLACEHOLDER, stored) | {
         "params": abstract(stored["params"])})
-    for rule in checkpoint_rules(cfg):
+    model_cfg = without_missing_mtp(cfg, _has(stored, ("params", "mtp")), ckpt)
+    for rule in checkpoint_rules(model_cfg, mtp_fused_experts=meta.get("mtp_fused_experts", False)):
         values = rule.to_hf(*(np.asarray(_get(params["params"], k)) for k in rule.stored_keys()))
         for name, value in zip(rule.hf, values):
             writer.add(name, value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from qwen35_jax.config import ModelConfig
@@ -13,7 +14,9 @@ from qwen35_jax.nn.gated_deltanet import GatedDeltaNet
 from qwen35_jax.nn.mlp import MLP
 from qwen35_jax.nn.moe import SparseMoe
 from qwen35_jax.nn.norms import RMSNorm
+from qwen35_jax.ops.attention import causal_mask
 from qwen35_jax.ops.moe import MOE_BACKENDS
+from qwen35_jax.ops.rope import rope_cos_sin
 from qwen35_jax.sharding import constrain_activations
 
 
@@ -28,6 +31,46 @@ class Context(NamedTuple):
     segment_ids: jax.Array | None = None  # int [B, L]: packed documents (GDN state restarts at each start)
     token_mask: jax.Array | None = None   # [B, L] 1 = real token: MoE layers return router stats (training)
     moe_backend: str = "auto"             # the grouped matmul of MoE layers: ops.moe.MOE_BACKENDS
+    keep_steps: bool = False              # GDN layers keep their state after each token (speculative verify)
+
+
+def config_rope(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions: int [B, L] or [3, B, L] -> cos, sin [B, L, rotary_dim] float32, by the config's RoPE."""
+    return rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
+
+
+def sequence_context(cfg: ModelConfig, shape: tuple[int, int], positions: jax.Array | None = None,
+                     segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None,
+                     moe_backend: str = "auto") -> Context:
+    """The Context of a forward over whole sequences of `shape` (batch, seq), without a decode state: causal
+    attention, kept within each segment when segment_ids [B, L] are given (packed documents); positions int
+    [B, L] or [3, B, L], default 0..L-1."""
+    batch, seq = shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    cos, sin = config_rope(cfg, positions)
+    mask = causal_mask(seq)[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return Context(cos, sin, mask, segment_ids=segment_ids, token_mask=token_mask, moe_backend=moe_backend)
+
+
+def state_context(cfg: ModelConfig, shape: tuple[int, int], starts: jax.Array, max_len: int,
+                  n_valid: jax.Array | None = None, rope_deltas: jax.Array | None = None,
+                  positions: jax.Array | None = None, moe_backend: str = "auto") -> Context:
+    """The Context of a call continuing a KV cache of `max_len` entries with `shape` (batch, seq) new tokens.
+
+    Token t of row b goes to cache index starts[b] + t and sees the cache entries up to its own index; its
+    rotary position is that index + rope_deltas[b] unless `positions` (int [3, B, L] or [B, L]) are given.
+    n_valid: int [B], real tokens per row (the rest right padding); None: all seq real (ctx.n_valid holds it)."""
+    batch, seq = shape
+    index = starts[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+    if positions is None:
+        positions = index if rope_deltas is None else index + rope_deltas[:, None]
+    cos, sin = config_rope(cfg, positions)
+    mask = jnp.arange(max_len)[None, None, :] <= index[:, :, None]
+    n_valid = jnp.full((batch,), seq, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
+    return Context(cos, sin, mask, starts, n_valid, moe_backend=moe_backend)
 
 
 def add_stats(total: dict | None, stats: dict | None) -> dict | None:
@@ -60,7 +103,7 @@ class DecoderLayer(nnx.Module):
         if self.layer_type == "full_attention":
             h, state = self.self_attn(h, ctx, state)
         else:
-            h, new_state = self.linear_attn(h, state, ctx.n_valid, ctx.segment_ids)
+            h, new_state = self.linear_attn(h, state, ctx.n_valid, ctx.segment_ids, ctx.keep_steps)
             state = None if state is None else new_state  # without a decode state, nothing is carried
         x = x + h
         h = self.post_attention_layernorm(x)

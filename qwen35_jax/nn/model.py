@@ -1,19 +1,17 @@
 """The Qwen3.5 text model: embeddings, scanned decoder, final norm, lm_head (optionally tied)."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qwen35_jax.config import ModelConfig
-from qwen35_jax.nn.decoder import Context, Decoder
+from qwen35_jax.nn.decoder import Decoder, config_rope, sequence_context, state_context
+from qwen35_jax.nn.mtp import MTP
 from qwen35_jax.nn.norms import RMSNorm
 from qwen35_jax.nn.params import param
-from qwen35_jax.ops.attention import causal_mask
-from qwen35_jax.ops.rope import rope_cos_sin
-from qwen35_jax.precision import precision_scope
+from qwen35_jax.precision import under_precision_policy as _under_precision_policy  # (vision.encoder uses it)
 
 
 def state_max_len(state: dict) -> int:
@@ -21,18 +19,12 @@ def state_max_len(state: dict) -> int:
     return next((layer["k"].shape[-3] for layer in state["layers"] if "k" in layer), 1)
 
 
-def _under_precision_policy(method):
-    """A public method of Qwen35, traced under the matmul precision of the model's compute dtype
-    (qwen35_jax.precision: HIGHEST for float32, the backend default for bfloat16)."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with precision_scope(self.compute_dtype):
-            return method(self, *args, **kwargs)
-    return wrapper
-
-
 class Qwen35(nnx.Module):
-    """`model(input_ids)`: int32 [batch, seq] -> logits [batch, seq, vocab] in the model dtype."""
+    """`model(input_ids)`: int32 [batch, seq] -> logits [batch, seq, vocab] in the model dtype.
+
+    `model.mtp`: the multi-token-prediction block (`nn.mtp.MTP`) when the config has one
+    (`mtp_num_hidden_layers`), else None; the loaders turn it off for a checkpoint without `mtp.*` tensors.
+    """
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
@@ -44,6 +36,7 @@ class Qwen35(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, std=std)
+        self.mtp = MTP(cfg, dtype, rngs) if cfg.mtp_num_hidden_layers else None
 
     @classmethod
     def abstract(cls, cfg: ModelConfig, dtype=jnp.float32) -> "Qwen35":
@@ -59,8 +52,7 @@ class Qwen35(nnx.Module):
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """positions: int [B, L] or [3, B, L] -> cos, sin [B, L, rotary_dim] float32."""
-        c = self.config
-        return rope_cos_sin(positions, c.rotary_dim, c.rope_theta, c.mrope_section)
+        return config_rope(self.config, positions)
 
     @_under_precision_policy
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
@@ -87,17 +79,10 @@ class Qwen35(nnx.Module):
         Returns (final-normed hidden states [B, L, H], router stats summed over MoE layers or None): see
         `ops.moe.router_stats`; requested by router_stats=True and only for MoE models.
         """
-        batch, seq = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        cos, sin = self.rope(positions)
-        mask = causal_mask(seq)[None]
         token_mask = None
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         if router_stats:
-            token_mask = jnp.ones((batch, seq)) if segment_ids is None else (segment_ids != 0)
-        ctx = Context(cos, sin, mask, segment_ids=segment_ids, token_mask=token_mask, moe_backend=moe_backend)
+            token_mask = jnp.ones(input_ids.shape) if segment_ids is None else (segment_ids != 0)
+        ctx = sequence_context(self.config, input_ids.shape, positions, segment_ids, token_mask, moe_backend)
         x = self.embed(input_ids) if embeds is None else embeds
         x, _, stats = self.decoder(x, ctx, remat=remat, period_transform=period_transform,
                                    period_extra=period_extra)
@@ -106,30 +91,25 @@ class Qwen35(nnx.Module):
     @_under_precision_policy
     def forward_with_state(self, input_ids: jax.Array, state: dict, n_valid: jax.Array | None = None,
                            moe_backend: str = "auto", embeds: jax.Array | None = None,
-                           positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                           positions: jax.Array | None = None, keep_steps: bool = False) -> tuple[jax.Array, dict]:
         """Continues a decode state (qwen35_jax.cache) with new tokens.
 
         input_ids: int [B, T], row b holding n_valid[b] real tokens then right padding (n_valid None: all
         real). Token t of row b sits at cache index state["lengths"][b] + t and, unless `positions` is given,
         at rotary position that index + state["rope_deltas"][b]. Returns (final-normed hidden states
-        [B, T, H], new state with lengths += n_valid); padding never enters the state. moe_backend: the
-        grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`); embeds: [B, T, H] input embeddings in place of
-        the token embeddings (a multimodal prefill's, vision features scattered in); positions: int [3, B, T]
-        mRoPE positions (qwen35_jax.vision.rope_index) in place of the default ones.
+        [B, T, H], new state with lengths += n_valid, its other entries (the MTP cache "mtp") as they were);
+        padding never enters the state. moe_backend: the grouped matmul of MoE layers (`ops.moe.MOE_BACKENDS`);
+        embeds: [B, T, H] input embeddings in place of the token embeddings (a multimodal prefill's, vision
+        features scattered in); positions: int [3, B, T] mRoPE positions (qwen35_jax.vision.rope_index) in
+        place of the default ones. keep_steps (speculative verification): the Gated DeltaNet layers run the
+        tokens one by one and keep their state after each (`nn.gated_deltanet.GatedDeltaNet`);
+        `infer.speculative.state_after_tokens` then picks a decode state.
         """
-        batch, seq = input_ids.shape
-        starts = state["lengths"]
-        n_valid = jnp.full((batch,), seq, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
-        index = starts[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
-        if positions is None:
-            positions = index + state["rope_deltas"][:, None]
-        cos, sin = self.rope(positions)
-        max_len = state_max_len(state)
-        mask = jnp.arange(max_len)[None, None, :] <= index[:, :, None]
-        ctx = Context(cos, sin, mask, starts, n_valid, moe_backend=moe_backend)
+        ctx = state_context(self.config, input_ids.shape, state["lengths"], state_max_len(state), n_valid,
+                            state["rope_deltas"], positions, moe_backend)._replace(keep_steps=keep_steps)
         x = self.embed(input_ids) if embeds is None else embeds
         x, layers, _ = self.decoder(x, ctx, state["layers"])
-        return self.norm(x), {"lengths": starts + n_valid, "rope_deltas": state["rope_deltas"], "layers": layers}
+        return self.norm(x), {**state, "lengths": ctx.starts + ctx.n_valid, "layers": layers}
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0)
