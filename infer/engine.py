@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from infer.sampling import SamplingParams, batch_arrays, sample
+from infer.speculative import check_speculative, speculative_step
 from qwen35_jax.cache import abstract_decode_state, decode_state_shardings, init_decode_state
 from qwen35_jax.checkpoint.orbax_io import ASSETS
 from qwen35_jax.loading import load_model, load_vision_tower
@@ -38,6 +39,7 @@ class GenerationResult:
     text: str
     finish_reason: str            # "stop" (EOS, stop token or stop string) or "length"
     tokens_per_second: float = 0.0
+    mean_acceptance_length: float | None = None  # speculative decoding: tokens per verify step (drafts + 1)
 
 
 @dataclasses.dataclass
@@ -46,6 +48,7 @@ class StreamEvent:
     text: str                     # the new text (may be "" while a multi-byte character is incomplete)
     token_id: int | None
     finish_reason: str | None = None
+    mean_acceptance_length: float | None = None  # speculative decoding, on the row's last event
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -63,9 +66,12 @@ def prefill_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
 
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer | None = None, max_len: int = 4096, prefill_chunk: int = 512,
-                 mesh: jax.sharding.Mesh | None = None, moe_backend: str = "auto", vision=None):
+                 mesh: jax.sharding.Mesh | None = None, moe_backend: str = "auto", vision=None,
+                 num_speculative_tokens: int = 0):
         if max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"max_len={max_len} must be >= 2 and prefill_chunk={prefill_chunk} >= 1")
+        check_speculative(model, num_speculative_tokens)
+        self.num_speculative_tokens = num_speculative_tokens  # K MTP drafts per step (0: plain decoding)
         model = unstack_layers(model)  # decoding reads unstacked layers (see nn.decoder.Decoder)
         self.model, self.tokenizer = model, tokenizer
         self.vision = vision  # qwen35_jax.vision.encoder.VisionEncoder (None: text prompts only)
@@ -80,6 +86,7 @@ class Engine:
         self._prefill, self._decode = self._in_mesh(self._prefill_jit), self._in_mesh(self._decode_jit)
         self._first_sample_jit = jax.jit(self._sample_and_count)
         self._first_sample = self._in_mesh(self._first_sample_jit)
+        self._speculate = self._in_mesh(jax.jit(self._speculative_fn, donate_argnums=(1, 3, 4, 5)))
         self.last_state = None
 
     @classmethod
@@ -102,8 +109,10 @@ class Engine:
 
     def init_state(self, batch: int) -> dict:
         """An empty decode state for `batch` rows, sharded like its batch and heads on the engine's mesh
-        (`qwen35_jax.cache.decode_state_shardings`)."""
-        return init_decode_state(self.config, batch, self.max_len, self.model.dtype, mesh=self.mesh)
+        (`qwen35_jax.cache.decode_state_shardings`). With speculative decoding it holds the MTP block's cache
+        too, and K more cache entries than max_len (a verify step writes K+1 before acceptance)."""
+        k = self.num_speculative_tokens
+        return init_decode_state(self.config, batch, self.max_len + k, self.model.dtype, mesh=self.mesh, mtp=k > 0)
 
     def lower_prefill(self, batch: int, chunk: int | None = None) -> jax.stages.Lowered:
         """The prefill step (one chunk of `chunk` tokens per row; default prefill_chunk) lowered for abstract
@@ -144,13 +153,16 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, dtype="float32", max_len: int = 4096, mesh=None, prefill_chunk: int = 512,
-             tokenizer: Tokenizer | str | Path | None = None, compute_dtype=None) -> Engine:
+             tokenizer: Tokenizer | str | Path | None = None, compute_dtype=None,
+             num_speculative_tokens: int = 0) -> Engine:
         """Loads a checkpoint folder (and its tokenizer, when the folder has one).
 
         dtype / compute_dtype as in `load_model`: on CPU a bfloat16 load computes (and keeps its decode state)
         in float32 unless compute_dtype="bfloat16". With a mesh, parameters are sharded by the rules of
         qwen35_jax.sharding, the MoE runs expert-parallel under shard_map, and XLA inserts the other
-        collectives; the decode state is sharded like its batch and heads (`init_state`)."""
+        collectives; the decode state is sharded like its batch and heads (`init_state`).
+        num_speculative_tokens: K in 0..4, MTP drafts verified per decode step (`infer.speculative`; needs a
+        checkpoint with mtp.* tensors; 0 = plain decoding)."""
         model = load_model(path, dtype=dtype, mesh=mesh, scan_layers=False, compute_dtype=compute_dtype)
         vision = load_vision_tower(path, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype)
         if tokenizer is None:  # an HF folder holds its tokenizer; a converted checkpoint keeps it in assets/
@@ -158,7 +170,8 @@ class Engine:
                               if any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model"))), None)
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.load(tokenizer)
-        engine = cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh, vision=vision)
+        engine = cls(model, tokenizer, max_len=max_len, prefill_chunk=prefill_chunk, mesh=mesh, vision=vision,
+                     num_speculative_tokens=num_speculative_tokens)
         engine.image_processor, engine.video_processor = processor_configs(path, Path(path) / ASSETS)
         return engine
 
@@ -187,8 +200,13 @@ class Engine:
                 return fn(*args)
         return run
 
-    def _prefill_fn(self, params, state, tokens, n_valid, vision=None):
-        """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state).
+    def _prefill_fn(self, params, state, tokens, n_valid, vision=None, mtp_next=None):
+        """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state, and
+        with mtp_next its final-normed hidden state [B, H]).
+
+        mtp_next (speculative decoding): (the tokens that follow each position [B, C], how many of them are
+        known [B]): the MTP block's cache advances over those positions (the prompt's last waits for the first
+        sampled token).
 
         vision (multimodal prompts, `_VisionRows.chunk`): (positions int [3, B, C] mRoPE, vision rows [B, C, H]
         and their mask bool [B, C] (the token's vision feature in place of its embedding), rope_deltas int [B]
@@ -202,9 +220,21 @@ class Engine:
             state = {**state, "rope_deltas": rope_deltas}
         hidden, state = model.forward_with_state(tokens, state, n_valid, moe_backend=self.moe_backend,
                                                  embeds=embeds, positions=positions)
-        state = self._placed(state)
         last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
-        return model.logits(last).astype(jnp.float32), state
+        if mtp_next is None:
+            return model.logits(last).astype(jnp.float32), self._placed(state)
+        next_tokens, known = mtp_next
+        _, state = model.mtp.forward_with_state(hidden, model.embed(next_tokens), state, known,
+                                                moe_backend=self.moe_backend)
+        return model.logits(last).astype(jnp.float32), self._placed(state), last
+
+    def _speculative_fn(self, params, state, pending, carry, counts, seen, sampling, step, limit, stop_ids):
+        """One speculative step (`infer.speculative.speculative_step`; state, carry, counts, seen donated)."""
+        self.decode_traces += 1
+        model = nnx.merge(self.graphdef, params)
+        out = speculative_step(model, state, pending, carry, counts, seen, sampling, step, limit, stop_ids,
+                               self.num_speculative_tokens, self.moe_backend)
+        return out[:3] + (self._placed(out[3]),) + out[4:]
 
     def _decode_fn(self, params, state, tokens, counts, seen, n_valid, sampling, step):
         """One token per row: forward, then sample. tokens [B]; counts, seen [B, V] (donated)."""
@@ -221,7 +251,7 @@ class Engine:
         if self.mesh is None:
             return state
         shardings = decode_state_shardings(self.config, state["lengths"].shape[0], state_max_len(state),
-                                           jnp.float32, self.mesh)
+                                           jnp.float32, self.mesh, mtp="mtp" in state)
         return jax.lax.with_sharding_constraint(state, shardings)
 
     @staticmethod
@@ -240,14 +270,16 @@ class Engine:
         """
         prompt_ids = [self._prompt_ids(p) for p in prompts]
         tokens, texts, reasons = [[] for _ in prompts], [""] * len(prompts), [None] * len(prompts)
+        acceptance = [None] * len(prompts)
         start = time.perf_counter()
         for event in self.stream(prompt_ids, params, state=state):
             tokens[event.index].append(event.token_id)
             texts[event.index] += event.text
             reasons[event.index] = event.finish_reason
+            acceptance[event.index] = event.mean_acceptance_length
         elapsed = max(time.perf_counter() - start, 1e-9)
-        return [GenerationResult(_token_ids(p), t, x, r, len(t) / elapsed)
-                for p, t, x, r in zip(prompt_ids, tokens, texts, reasons)]
+        return [GenerationResult(_token_ids(p), t, x, r, len(t) / elapsed, a)
+                for p, t, x, r, a in zip(prompt_ids, tokens, texts, reasons, acceptance)]
 
     def stream(self, prompts, params=None, state: dict | None = None) -> Iterator[StreamEvent]:
         """Yields a StreamEvent per generated token; text deltas never split a multi-byte character.
@@ -273,7 +305,7 @@ class Engine:
                                  f"that exceeds max_len={self.max_len}")
         seeds = [p.seed if p.seed is not None else np.random.SeedSequence().entropy % (2**31) for p in params]
         sampling = batch_arrays(params, seeds)
-        logits, state = self._run_prefill(prompt_ids, state)
+        logits, state, last_hidden = self._run_prefill(prompt_ids, state)
         self.last_state = state
         vocab = self.config.vocab_size
         seen = np.zeros((batch, vocab), bool)
@@ -281,7 +313,13 @@ class Engine:
             seen[i, _token_ids(ids)] = True
         counts, seen = jnp.zeros((batch, vocab), jnp.int32), jnp.asarray(seen)
         token, counts, seen = self._first_sample(logits, counts, seen, sampling, 0)
-        yield from self._decode_loop(params, state, token, counts, seen, sampling)
+        if self.num_speculative_tokens:
+            yield from self._speculative_loop(params, state, token, last_hidden, counts, seen, sampling)
+        else:
+            yield from self._decode_loop(params, state, token, counts, seen, sampling)
+
+    def _eos(self, params: SamplingParams) -> tuple[int, ...]:
+        return () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
 
     def _decode_loop(self, params, state, token, counts, seen, sampling):
         rows = [_Row(p, self.tokenizer) for p in params]
@@ -290,8 +328,7 @@ class Engine:
             token_host = np.asarray(token)
             for i, row in enumerate(rows):
                 if row.finish is None:
-                    eos = () if row.params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
-                    text = row.accept(int(token_host[i]), eos, lengths[i] >= self.max_len)
+                    text = row.accept(int(token_host[i]), self._eos(row.params), lengths[i] >= self.max_len)
                     yield StreamEvent(i, text, int(token_host[i]), row.finish)
             if all(row.finish is not None for row in rows):
                 break
@@ -301,27 +338,74 @@ class Engine:
                                                       jnp.asarray(active), sampling, step)
             self.last_state = state
 
+    def _speculative_loop(self, params, state, token, last_hidden, counts, seen, sampling):
+        """Decoding K MTP drafts per step (`infer.speculative`): each step emits 1..K+1 tokens per row, the
+        tokens plain decoding would give (greedy) or draws from the same distribution (sampled)."""
+        rows = [_Row(p, self.tokenizer) for p in params]
+        k, batch = self.num_speculative_tokens, len(rows)
+        lengths = np.asarray(state["lengths"]).copy()
+        stop_ids = jnp.asarray(_stop_table([self._eos(p) + p.stop_token_ids for p in params]))
+        hidden = jnp.zeros((batch, k + 1, last_hidden.shape[-1]), last_hidden.dtype).at[:, 0].set(last_hidden)
+        carry = {"hidden": hidden, "tokens": jnp.zeros((batch, k + 1), jnp.int32).at[:, 0].set(token),
+                 "n": jnp.ones((batch,), jnp.int32)}
+        fed, steps = np.zeros(batch, np.int64), np.zeros(batch, np.int64)
+        tokens, emitted = np.asarray(token)[:, None], np.ones(batch, np.int64)
+        before = lengths - 1  # emitted token m is accepted with before + m + 1 tokens in the state
+        for step in range(1, max(p.max_new_tokens for p in params) + 1):
+            for i, row in enumerate(rows):
+                for m in range(int(emitted[i]) if row.finish is None else 0):
+                    text = row.accept(int(tokens[i, m]), self._eos(row.params), before[i] + m + 1 >= self.max_len)
+                    mean = fed[i] / steps[i] if row.finish is not None and steps[i] else None
+                    yield StreamEvent(i, text, int(tokens[i, m]), row.finish, mean)
+                    if row.finish is not None:
+                        break
+            if all(row.finish is not None for row in rows):
+                break
+            limit = np.array([0 if row.finish is not None else
+                              min(row.params.max_new_tokens - len(row.tokens), self.max_len - lengths[i])
+                              for i, row in enumerate(rows)], np.int32)
+            pending = jnp.asarray(np.array([row.tokens[-1] for row in rows], np.int32))
+            out = self._speculate(self.params, state, pending, carry, counts, seen, sampling, jnp.int32(step),
+                                  jnp.asarray(limit), stop_ids)
+            tokens, emitted, _, state, carry, counts, seen = out
+            self.last_state = state
+            tokens, emitted = np.asarray(tokens), np.asarray(emitted)
+            before = lengths.copy()
+            lengths += emitted
+            fed += emitted
+            steps += limit > 0
+
     def _run_prefill(self, prompts, state):
-        """Chunked prefill of every row; returns (logits [B, V] after each row's prompt, state). prompts: token-id
-        lists and `VisionPrompt`s (those rows get their vision features and mRoPE positions)."""
+        """Chunked prefill of every row; returns (logits [B, V] after each row's prompt, state, and with
+        speculative decoding the final-normed hidden state [B, H] there, else None). prompts: token-id lists and
+        `VisionPrompt`s (those rows get their vision features and mRoPE positions)."""
         prompt_ids = [_token_ids(p) for p in prompts]
         batch = len(prompt_ids)
         longest = max(len(ids) for ids in prompt_ids)
         vision = self._vision_inputs(prompts, state)
-        logits = None
+        logits = hidden = None
         for offset, chunk in prefill_chunks(0, longest, self.prefill_chunk):
             tokens = np.zeros((batch, chunk), np.int32)
             n_valid = np.zeros(batch, np.int32)
+            following = np.zeros((batch, chunk), np.int32)  # the token after each position (speculative)
             for i, ids in enumerate(prompt_ids):
                 piece = ids[offset:offset + chunk]
                 tokens[i, :len(piece)] = piece
                 n_valid[i] = len(piece)
+                after = ids[offset + 1:offset + chunk + 1]
+                following[i, :len(after)] = after
+            known = np.minimum(n_valid, np.maximum(np.array([len(p) for p in prompt_ids]) - offset - 1, 0))
             extra = () if vision is None else (vision.chunk(offset, chunk),)
-            chunk_logits, state = self._prefill(self.params, state, jnp.asarray(tokens), jnp.asarray(n_valid),
-                                                *extra)
+            if self.num_speculative_tokens:
+                extra = extra or (None,)
+                extra += ((jnp.asarray(following), jnp.asarray(known.astype(np.int32))),)
+            out = self._prefill(self.params, state, jnp.asarray(tokens), jnp.asarray(n_valid), *extra)
             ends_here = jnp.asarray((n_valid > 0) & (offset + n_valid == np.array([len(p) for p in prompt_ids])))
-            logits = chunk_logits if logits is None else jnp.where(ends_here[:, None], chunk_logits, logits)
-        return logits, state
+            logits = out[0] if logits is None else jnp.where(ends_here[:, None], out[0], logits)
+            state = out[1]
+            if self.num_speculative_tokens:
+                hidden = out[2] if hidden is None else jnp.where(ends_here[:, None], out[2], hidden)
+        return logits, state, hidden
 
     def _vision_inputs(self, prompts, state) -> _VisionRows | None:
         """The host-side vision inputs of a batch holding at least one VisionPrompt with images or videos
@@ -357,6 +441,15 @@ class Engine:
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
         return prompt if isinstance(prompt, VisionPrompt) else ids
+
+
+def _stop_table(stops: list[tuple[int, ...]]) -> np.ndarray:
+    """int32 [B, S] of each row's stop token ids, -1 padded; S a power of two (few compiles)."""
+    width = 1 << max(3, (max(len(s) for s in stops) - 1).bit_length())
+    table = np.full((len(stops), width), -1, np.int32)
+    for i, ids in enumerate(stops):
+        table[i, :len(ids)] = ids
+    return table
 
 
 def _token_ids(prompt) -> list[int]:

@@ -7,8 +7,8 @@ from flax import nnx
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.nn.norms import GatedRMSNorm
 from qwen35_jax.nn.params import param
-from qwen35_jax.ops.conv import causal_conv1d
-from qwen35_jax.ops.delta_rule import gated_delta_rule_chunked, gated_delta_step
+from qwen35_jax.ops.conv import causal_conv1d, conv_state_after
+from qwen35_jax.ops.delta_rule import gated_delta_rule_chunked, gated_delta_step, gated_delta_steps
 from qwen35_jax.ops.norm import l2_normalize
 
 
@@ -40,15 +40,15 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = param(rngs, (nv, dv, h), ("heads", "head_dim", "embed"), dtype, std=std)
         self.heads_per_key = nv // nk
 
-    def _conv_silu(self, x, proj, conv, state, n_valid, segment_ids):
+    def _conv_silu(self, x, proj, conv, state, n_valid, segment_ids, keep_steps=False):
         """x @ proj, then causal conv + SiLU. Returns ([B, L, heads, d] in x's dtype, new conv state)."""
         y, state = causal_conv1d(jnp.einsum("blh,hnd->blnd", x, proj[...]), conv[...], state, n_valid,
-                                 segment_ids)
+                                 segment_ids, keep_window=keep_steps)
         return jax.nn.silu(y.astype(jnp.float32)).astype(x.dtype), state
 
     @jax.named_scope("gated_deltanet")
     def __call__(self, x: jax.Array, state: dict | None = None, n_valid: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                 segment_ids: jax.Array | None = None, keep_steps: bool = False) -> tuple[jax.Array, dict]:
         """x: [B, L, H] -> ([B, L, H], new state).
 
         state: None (start from zeros) or {"conv_q", "conv_k", "conv_v": [B, K-1, heads, d] (x's dtype),
@@ -56,9 +56,12 @@ class GatedDeltaNet(nnx.Module):
         after them gets beta = 0 and g = 0, so it leaves the recurrent state as it was). A single token
         (L == 1) takes the one-step recurrence, longer inputs the chunked form. segment_ids: int [B, L] or
         None: packed documents; the conv and recurrent states restart at each segment start.
+        keep_steps (speculative verification of a few tokens, with a state): the tokens run one by one as plain
+        decoding runs them, and the new state keeps every step: conv states as their windows [B, K-1+L, ...] and
+        "recurrent" [B, L+1, heads, dk, dv] (before any token, then after each); `state_after_steps` picks one.
         """
         state = state or {}
-        conv_args = (n_valid, segment_ids)
+        conv_args = (n_valid, segment_ids, keep_steps)
         q, conv_q = self._conv_silu(x, self.in_proj_q, self.conv_q, state.get("conv_q"), *conv_args)
         k, conv_k = self._conv_silu(x, self.in_proj_k, self.conv_k, state.get("conv_k"), *conv_args)
         v, conv_v = self._conv_silu(x, self.in_proj_v, self.conv_v, state.get("conv_v"), *conv_args)
@@ -74,7 +77,9 @@ class GatedDeltaNet(nnx.Module):
         k = l2_normalize(k.astype(jnp.float32))
         q = jnp.repeat(q, self.heads_per_key, axis=2)
         k = jnp.repeat(k, self.heads_per_key, axis=2)
-        if x.shape[1] == 1 and "recurrent" in state:
+        if keep_steps:
+            out, recurrent = gated_delta_steps(q, k, v, g, beta, state["recurrent"])
+        elif x.shape[1] == 1 and "recurrent" in state:
             out, recurrent = gated_delta_step(state["recurrent"], q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
             out = out[:, None]
         else:
@@ -83,3 +88,13 @@ class GatedDeltaNet(nnx.Module):
         out = self.norm(out.astype(x.dtype), z)
         new_state = {"conv_q": conv_q, "conv_k": conv_k, "conv_v": conv_v, "recurrent": recurrent}
         return jnp.einsum("blnd,ndh->blh", out, self.out_proj[...]), new_state
+
+
+def state_after_steps(steps: dict, n: jax.Array) -> dict:
+    """A GDN layer's decode state after the first n[b] of the tokens a `keep_steps` call ran (n in 0..L):
+    selected from the kept steps, no recompute. steps: that call's new state; n: int [B]."""
+    kernel = steps["conv_q"].shape[1] - steps["recurrent"].shape[1] + 2  # window K-1+L, steps L+1
+    out = {name: conv_state_after(steps[name], n, kernel) for name in ("conv_q", "conv_k", "conv_v")}
+    pick = n.reshape(-1, 1, 1, 1, 1)
+    out["recurrent"] = jnp.take_along_axis(steps["recurrent"], pick, axis=1)[:, 0]
+    return out

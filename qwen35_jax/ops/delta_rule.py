@@ -32,6 +32,24 @@ def gated_delta_step(state, q, k, v, g, beta):
     return jnp.einsum("bhkv,bhk->bhv", state, q), state
 
 
+@highest_precision
+@jax.named_scope("gated_delta_rule")
+def gated_delta_steps(q, k, v, g, beta, initial_state):
+    """A few tokens one by one (`gated_delta_step`, exactly as plain decoding runs them), keeping the state
+    after each: speculative verification picks the one of the last accepted token.
+
+    Returns (out [B, T, H, dv], states [B, T+1, H, dk, dv]: the initial state, then the state after each
+    token), float32."""
+    def step(s, inputs):
+        out, s = gated_delta_step(s, *inputs)
+        return s, (out, s)
+
+    time_major = [jnp.moveaxis(t, 1, 0) for t in (q, k, v, g, beta)]
+    initial_state = initial_state.astype(jnp.float32)
+    _, (out, states) = jax.lax.scan(step, initial_state, time_major)
+    return jnp.moveaxis(out, 0, 1), jnp.concatenate([initial_state[:, None], jnp.moveaxis(states, 0, 1)], axis=1)
+
+
 def _zero_state(q, v):
     b, _, h, dk = q.shape
     return jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
