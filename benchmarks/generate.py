@@ -1,12 +1,19 @@
 """Generation speed: ours vs HF `generate` on the same weights, same run (greedy, CPU).
 
     python -m benchmarks.generate [--config small-moe] [--dtype float32,bfloat16] [--contexts 256,2048,8192]
+    python -m benchmarks.generate --model runs/demo-mtp/run/final --speculative 3 [--prompts-file data.jsonl]
 
 Prints time to first token and decode tokens/s at batch 1 and 8 (prompt 128, 64 new tokens) with the
 ratios, then our decode ms/token at several context lengths (GDN layers cost the same at every length;
 only the attention layers grow). One row per dtype: both sides hold and run the weights in that dtype.
 --config: a benchmark config name (benchmarks/configs/: small-moe, small-dense), a model preset name or a
 config.json path.
+
+--speculative K: ours only, plain greedy decoding beside speculative decoding with the checkpoint's MTP block
+(K drafts per step), same prompts, same run: decode tokens/s of each, their ratio, the mean acceptance length
+(tokens per verify step), and whether the tokens are equal (they must be). --model: a checkpoint with MTP
+weights (e.g. the demo trained with `mtp_loss_weight`); prompts from --prompts-file (JSON lines with "prompt" or
+"text", or plain lines; default: random token ids, which a trained MTP cannot predict).
 """
 
 from __future__ import annotations
@@ -76,6 +83,42 @@ def context_rows(model, dtype: str, contexts: str) -> list[list]:
     return rows
 
 
+def file_prompts(engine: Engine, path: str, n: int) -> list[list[int]]:
+    """The first n prompts of a JSONL ("prompt" or "text" field) or plain-text file, tokenized."""
+    import json
+    lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()][:n]
+    texts = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            texts.append(row.get("prompt") or row.get("text") if isinstance(row, dict) else line)
+        except json.JSONDecodeError:
+            texts.append(line)
+    return [engine.tokenizer.encode(t) for t in texts]
+
+
+def speculative_rows(args) -> list[list]:
+    """Table rows [batch, K, plain tok/s, speculative tok/s, ratio, mean acceptance length, same tokens]."""
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        plain = Engine.load(args.model, max_len=args.max_len)
+        spec = Engine.load(args.model, max_len=args.max_len, num_speculative_tokens=args.speculative)
+        if args.prompts_file:
+            prompts = file_prompts(plain, args.prompts_file, batch)
+        else:
+            prompts = np.random.default_rng(batch).integers(0, plain.config.vocab_size,
+                                                            (batch, args.prompt_len)).tolist()
+        _, plain_step = ours_times(plain, prompts, args.new_tokens, args.repeats)
+        _, spec_step = ours_times(spec, prompts, args.new_tokens, args.repeats)
+        params = SamplingParams.greedy(max_new_tokens=args.new_tokens, ignore_eos=True)
+        expected, got = plain.generate(prompts, params), spec.generate(prompts, params)
+        same = all(a.token_ids == b.token_ids for a, b in zip(expected, got))
+        acceptance = statistics.mean(r.mean_acceptance_length for r in got)
+        rows.append([batch, args.speculative, f"{1 / plain_step:.1f}", f"{1 / spec_step:.1f}",
+                     f"{plain_step / spec_step:.2f}x", f"{acceptance:.2f}", "yes" if same else "NO"])
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, dtypes=True)
@@ -84,7 +127,21 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--contexts", default="256,2048,8192", help="comma-separated; empty to skip")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--speculative", type=int, default=0, metavar="K",
+                        help="compare plain and speculative (K MTP drafts per step) decoding of --model")
+    parser.add_argument("--model", help="checkpoint with MTP weights (with --speculative)")
+    parser.add_argument("--prompts-file", help="prompts for --speculative: JSON lines ('prompt'/'text') or lines")
+    parser.add_argument("--max-len", type=int, default=1024, help="decode state length (with --speculative)")
     args = parser.parse_args(argv)
+    if args.speculative:
+        if not args.model:
+            parser.error("--speculative needs --model (a checkpoint with MTP weights)")
+        rows = speculative_rows(args)
+        print(f"greedy decoding, batch row 0's decode tokens/s, {args.new_tokens} new tokens, median of "
+              f"{args.repeats}; {args.model} ({jax.default_backend()})")
+        print_table(["batch", "K", "plain tok/s", "speculative tok/s", "speculative/plain", "mean acceptance length",
+                     "same tokens"], rows)
+        return
 
     rows, by_context = [], []
     with random_checkpoint(args.config) as (hf, folder):

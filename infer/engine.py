@@ -224,8 +224,9 @@ class Engine:
         if mtp_next is None:
             return model.logits(last).astype(jnp.float32), self._placed(state)
         next_tokens, known = mtp_next
-        _, state = model.mtp.forward_with_state(hidden, model.embed(next_tokens), state, known,
-                                                moe_backend=self.moe_backend)
+        start = {**state["mtp"], "lengths": state["lengths"] - n_valid}  # aligned with the chunk (a continued
+        _, state = model.mtp.forward_with_state(hidden, model.embed(next_tokens), {**state, "mtp": start}, known,
+                                                moe_backend=self.moe_backend)  # state's last step is skipped)
         return model.logits(last).astype(jnp.float32), self._placed(state), last
 
     def _speculative_fn(self, params, state, pending, carry, counts, seen, sampling, step, limit, stop_ids):

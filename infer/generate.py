@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--max-len", type=int, default=4096, help="decode state length (prompt + new tokens)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="speculative decoding: K tokens (1-4) drafted by the checkpoint's MTP block per step and "
+                        "verified in one forward (0: off)")
     return p
 
 
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     if args.interactive and (args.image or args.video):
         parser.error("--image / --video go with --prompt, not --interactive")
     params = sampling_from_args(args)
-    engine = Engine.load(args.model, dtype=args.dtype, max_len=args.max_len)
+    engine = Engine.load(args.model, dtype=args.dtype, max_len=args.max_len, num_speculative_tokens=args.speculative)
     if engine.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json or tokenizer.model; text prompts need one")
     if args.interactive:

@@ -56,8 +56,12 @@ def request_probs(logits: jax.Array, counts: jax.Array, seen: jax.Array, samplin
     def one(logits_t, counts_t, seen_t):
         penalised = apply_penalties(logits_t, counts_t, seen_t, sampling)
         greedy = jax.nn.one_hot(jnp.argmax(penalised, axis=-1), penalised.shape[-1], dtype=jnp.float32)
-        sampled = jax.nn.softmax(filter_logits(penalised, sampling), axis=-1)
-        return jnp.where((sampling["temperature"] > 0)[:, None], sampled, greedy)
+
+        def mixed(penalised):
+            sampled = jax.nn.softmax(filter_logits(penalised, sampling), axis=-1)
+            return jnp.where((sampling["temperature"] > 0)[:, None], sampled, greedy)
+        # an all-greedy batch skips the filters' sort over the vocabulary (as `infer.sampling.sample` does)
+        return jax.lax.cond(jnp.any(sampling["temperature"] > 0), mixed, lambda _: greedy, penalised)
     return jax.vmap(one, in_axes=1, out_axes=1)(logits.astype(jnp.float32), counts, seen)
 
 

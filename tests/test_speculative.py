@@ -128,3 +128,37 @@ def test_speculative_greedy_equals_plain_greedy_tokens_and_state(plain_run, monk
         assert np.mean(means) > 1.5  # most drafts accepted: the selection at every index is exercised
     assert_same_state(jax.device_get(engine.last_state), plain_state,
                       [len(p) + NEW - 1 for p in batch])
+
+
+def test_speculative_greedy_with_penalties_equals_plain(monkeypatch):
+    """Repetition, presence and frequency penalties see the accepted drafts one by one (each verify position
+    penalised with the counts before it): tokens still equal plain greedy decoding's (oracle drafts, K=3)."""
+    model = mtp_model(seed=3)
+    batch = prompts(model.config.vocab_size, seed=4)[:2]
+    params = SamplingParams.greedy(max_new_tokens=40, ignore_eos=True, repetition_penalty=1.3,
+                                   presence_penalty=0.5, frequency_penalty=0.3)
+    expected = [r.token_ids for r in Engine(model, max_len=128, prefill_chunk=32).generate(batch, params)]
+    table = np.zeros((2, 160), np.int32)
+    for i, (p, t) in enumerate(zip(batch, expected)):
+        table[i, :len(p) + len(t)] = p + t
+    monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(jnp.asarray(table), model.config.vocab_size, 3,
+                                                                  corrupt_every=4))
+    results = Engine(model, max_len=128, prefill_chunk=32, num_speculative_tokens=3).generate(batch, params)
+    assert [r.token_ids for r in results] == expected
+    assert np.mean([r.mean_acceptance_length for r in results]) > 1.5
+
+
+def test_sampled_speculative_decoding_is_seeded_and_stays_in_the_filters():
+    """Sampled rows (temperature, top-k 3) with K=2: the same seeds give the same tokens, and every token is one of
+    the top 3 of the target model given the tokens before it (a plain forward over the output)."""
+    model = mtp_model(seed=5)
+    batch = prompts(model.config.vocab_size, seed=6)[:2]
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=3, seed=11, ignore_eos=True)
+    engine = Engine(model, max_len=96, prefill_chunk=32, num_speculative_tokens=2)
+    first, second = engine.generate(batch, params), engine.generate(batch, params)
+    assert [r.token_ids for r in first] == [r.token_ids for r in second]
+    for prompt, result in zip(batch, first):
+        ids = np.asarray(prompt + result.token_ids, np.int32)[None]
+        logits = np.asarray(model(jnp.asarray(ids)))[0, len(prompt) - 1:-1]
+        top3 = np.argsort(-logits, axis=-1)[:, :3]
+        assert all(t in row for t, row in zip(result.token_ids, top3))
