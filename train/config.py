@@ -69,6 +69,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0               # global-norm clipping (0: off)
     router_aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
     router_z_loss_coef: float = 0.0
+    mtp_loss_weight: float = 0.0             # > 0: + this x the MTP block's cross-entropy on token t+2 (model with
+                                             # an MTP block); 0: the MTP block, if any, stays frozen
     frozen: list = dataclasses.field(default_factory=list)  # regexes over HF names: model.layers.3.mlp.gate.weight
     lora: dict | None = None                 # {rank, alpha, targets: [regexes over the same names]}: train.lora
     # numerics and memory
@@ -181,6 +183,9 @@ def _check(c: TrainConfig) -> None:
         if getattr(c, key) <= 0:
             raise TrainConfigError(f"config key {key!r}: expected a positive integer, got {getattr(c, key)}",
                                    key=key)
+    if c.mtp_loss_weight < 0:
+        raise TrainConfigError(f"config key 'mtp_loss_weight': expected a number >= 0, got {c.mtp_loss_weight}",
+                               key="mtp_loss_weight")
     if c.lora is not None:
         _check_lora(c)
     if c.batch_size % c.grad_accum:
@@ -210,6 +215,10 @@ def _check_lora(c: TrainConfig) -> None:
     targets = lora["targets"]
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         fail(f"targets={targets!r} is not a non-empty list of regular expressions")
+    if c.mtp_loss_weight > 0:
+        raise TrainConfigError("config keys 'mtp_loss_weight' and 'lora': training the MTP block with LoRA is not "
+                               "supported; use full fine-tuning (frozen: ['^(?!mtp\\.)'] trains the MTP block alone)",
+                               key="mtp_loss_weight")
     if c.frozen:
         raise TrainConfigError("config keys 'frozen' and 'lora': with lora the whole base model is frozen; drop "
                                "frozen", key="frozen")

@@ -3,10 +3,13 @@ add multi-digit numbers, then answer held-out problems with the inference engine
 
 Everything is made here: the problems (JSON lines), a SentencePiece tokenizer trained on them, the model (random
 init from the bundled recipe train/recipes/demo.yaml), Orbax checkpoints, the final model checkpoint, the generations.
+`--mtp` trains the same model with an MTP block beside it (a draft model for speculative decoding): the recipe
+plus `model_overrides: {mtp_num_hidden_layers: 1}` and `mtp_loss_weight` (MTP_LOSS_WEIGHT unless overridden).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shlex
@@ -63,6 +66,7 @@ def exact_match(checkpoint: Path, problems, batch: int = 64) -> tuple[float, lis
     return sum(a == got for _, a, got in rows) / len(rows), rows
 
 
+MTP_LOSS_WEIGHT = 0.5  # --mtp: the MTP block's cross-entropy weight beside the main loss (a key=value overrides it)
 DEMO_FILES = ("train.jsonl", "test.jsonl", "tokenizer")  # what the demo writes in --out besides the run folder
 
 
@@ -70,7 +74,11 @@ def build_parser():
     parser = argument_parser(__doc__.split("\n\n")[0], module=__name__,
                              epilog="Run `python -m train.finetune --help` for the config keys; the demo's values "
                                     "are in train/recipes/demo.yaml.")
-    parser.add_argument("--out", default="runs/demo", help="work folder (data, tokenizer, the run folder `run`)")
+    parser.add_argument("--out", help="work folder (data, tokenizer, the run folder `run`); runs/demo-mtp with --mtp "
+                                      "(default: runs/demo)")
+    parser.add_argument("--mtp", action="store_true",
+                        help="also train an MTP block (mtp_num_hidden_layers: 1, mtp_loss_weight: "
+                             f"{MTP_LOSS_WEIGHT}), for MTP speculative decoding of the final model")
     parser.add_argument("--digits", type=int, default=3, help="operands have up to this many digits")
     parser.add_argument("--train-problems", type=int, default=20000, help="training problems")
     parser.add_argument("--test-problems", type=int, default=500, help="held-out problems (eval loss, accuracy)")
@@ -102,11 +110,12 @@ def claim_output(out: Path, run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(run_dir)
 
 
-def next_steps(final: Path, run_dir: Path) -> str:
+def next_steps(final: Path, run_dir: Path, mtp: bool = False) -> str:
+    """Where the model is and a command to try it (with the MTP block: speculative decoding, 3 drafts a step)."""
     model = shlex.quote(str(final))
     return (f"final checkpoint: {final}   (loss curve: {run_dir / 'loss.png'})\n"
             f"try it:  python -m infer.generate --model {model} --prompt \"12+34=\" --temperature 0 "
-            "--max-new-tokens 8")
+            f"--max-new-tokens 8{' --speculative 3' if mtp else ''}")
 
 
 @command(failures=(TrainingDiverged,))
@@ -114,11 +123,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     check_problem_counts(args)
     start = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo-mtp" if args.mtp else "runs/demo"))
     tc = TrainConfig.load(RECIPE_DIR / "demo.yaml",
                           [f"train_data={out / 'train.jsonl'}", f"eval_data={out / 'test.jsonl'}",
-                           f"tokenizer={out / 'tokenizer'}", f"output_dir={out / 'run'}",
-                           f"seed={args.seed}", *args.overrides])
+                           f"tokenizer={out / 'tokenizer'}", f"output_dir={out / 'run'}", f"seed={args.seed}",
+                           *([f"mtp_loss_weight={MTP_LOSS_WEIGHT}"] if args.mtp else []), *args.overrides])
+    if args.mtp:
+        tc = dataclasses.replace(tc, model_overrides={**tc.model_overrides, "mtp_num_hidden_layers": 1})
     run_dir = Path(tc.output_dir)
     claim_output(out, run_dir, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,10 +145,11 @@ def main(argv=None) -> int:
     accuracy, rows = exact_match(Path(summary["final"]), test)
     for prompt, expected, got in rows[:5]:
         print(f"  {prompt}{got:<6} (expected {expected})")
-    print(f"trained {tc.steps} steps in {trained - start:.0f} s (final train loss {summary['loss']:.4f}, held-out "
+    mtp = f", MTP loss {summary['mtp_loss']:.4f}" if "mtp_loss" in summary else ""
+    print(f"trained {tc.steps} steps in {trained - start:.0f} s (final train loss {summary['loss']:.4f}{mtp}, held-out "
           f"loss {summary['eval_loss']:.4f}); exact-match accuracy on {len(rows)} held-out problems: "
           f"{100 * accuracy:.1f}% (total {time.perf_counter() - start:.0f} s)")
-    print(next_steps(run_dir / "final", run_dir))
+    print(next_steps(run_dir / "final", run_dir, mtp=tc.mtp_loss_weight > 0))
     return 0
 
 

@@ -148,7 +148,8 @@ def evaluate(trainer: Trainer, params, data: PackedDataset, tc: TrainConfig) -> 
 
 
 def run(tc: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Trains per `tc`. Returns {"step", "loss", "eval_loss", "final": model checkpoint path, ...}.
+    """Trains per `tc`. Returns {"step", "loss", "eval_loss", "final": model checkpoint path, ...} ("mtp_loss" too
+    with mtp_loss_weight > 0).
 
     stop_after: end this invocation after that many total steps, with a checkpoint, as a preemption would
     (no final model then); a later `run(tc, resume=True)` continues exactly."""
@@ -223,6 +224,8 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
             entry = {"step": done, **metrics, "tokens_per_second": metrics["tokens"] / seconds,
                      "epoch": data.epoch_of(done, tc.batch_size)}
             summary.update(step=done, loss=metrics["loss"])
+            if "mtp_loss" in metrics:
+                summary["mtp_loss"] = metrics["mtp_loss"]
             if held_out is not None and (done % tc.eval_every == 0 or done == tc.steps):
                 entry["eval_loss"] = summary["eval_loss"] = evaluate(trainer, state["params"], held_out, tc)
                 bar.write(f"step {done}: eval loss {entry['eval_loss']:.4f}")
@@ -231,7 +234,8 @@ def _train_loop(trainer, state, data, held_out, checkpoints, tc, start, end, out
                 log.flush()
             if "eval_loss" in entry:
                 write_loss_plot(log.name)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+            mtp = {"mtp": f"{metrics['mtp_loss']:.4f}"} if "mtp_loss" in metrics else {}
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **mtp, lr=f"{metrics['lr']:.2e}",
                             gnorm=f"{metrics['grad_norm']:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}")
             bar.update(1)
             if done % tc.save_every == 0 or done == end:

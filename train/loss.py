@@ -1,4 +1,4 @@
-"""Training losses: next-token cross-entropy (chunked over tokens) and the MoE router losses."""
+"""Training losses: next-token cross-entropy (chunked over tokens), the MTP block's targets, the MoE router losses."""
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,20 @@ def _cross_entropy_sum(hidden, head, targets, mask, chunk):
     step = jax.checkpoint(lambda total, xs: (total + block_loss(*xs), None))
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
     return total
+
+
+def mtp_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """The MTP block's (targets, mask) [B, L] from a batch's targets, loss_mask and segment_ids (`train.data`).
+
+    Row i of the MTP (hidden_i, token i+1) predicts token i+2 = targets[i+1]. It counts where tokens i, i+1 and i+2
+    are in one segment (never across a document boundary, never into or from padding, segment 0) and loss_mask[i+1]
+    is set (token i+2 is learned). The last two positions count nothing. A document split into pieces
+    (`overflow: split`) loses the one MTP target that spans each cut."""
+    segments, mask = batch["segment_ids"], batch["loss_mask"]
+    here, following, after = segments[:, :-2], segments[:, 1:-1], segments[:, 2:]
+    same = (here == following) & (following == after) & (here != 0)
+    counted = jnp.pad(jnp.where(same, mask[:, 1:-1], 0).astype(mask.dtype), ((0, 0), (0, 2)))
+    return jnp.pad(batch["targets"][:, 1:], ((0, 0), (0, 1))), counted
 
 
 def load_balancing_loss(stats: dict, num_experts: int) -> jax.Array:

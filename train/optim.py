@@ -3,7 +3,9 @@
 `frozen` patterns (and LoRA `targets`, `train.lora`) are regexes over HF-style tensor names with real layer
 indices, as HF's causal LM names them: `model.embed_tokens.weight`, `model.layers.3.mlp.gate.weight`,
 `model.layers.0.linear_attn.in_proj_qkv.weight`, `model.layers.3.mlp.experts.gate_up_proj`, `lm_head.weight`,
-and the vision tower's `model.visual.blocks.0.attn.qkv.weight` when it is trained. With scanned layers one such
+the MTP block's `mtp.fc.weight`, `mtp.layers.0.self_attn.q_proj.weight`, `mtp.layers.0.mlp.experts.0.gate_proj.weight`
+(its experts per expert) when the model has one (`^(?!mtp\.)` freezes everything else), and the vision tower's
+`model.visual.blocks.0.attn.qkv.weight` when it is trained. With scanned layers one such
 name is one slice of a stacked parameter along its `layers` axis, so the frozen mask
 of a stacked parameter is a boolean per slice [num_periods]."""
 

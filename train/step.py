@@ -14,7 +14,7 @@ from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import logical_spec, variable_sharding
 from qwen35_jax.vision.multimodal import embed_multimodal
 from train.lora import DECODER, LoraSpec, PeriodMerge, adapter_variables, merged_params
-from train.loss import cross_entropy_sum, load_balancing_loss, router_z_loss
+from train.loss import cross_entropy_sum, load_balancing_loss, mtp_targets, router_z_loss
 from train.optim import (freeze, frozen_mask, is_variable, learning_rate_schedule, make_optimizer, matrix_mask,
                          plain_values)
 from train.vision_data import VISION_BATCH_KEYS
@@ -38,6 +38,25 @@ def vision_embeddings(model, batch: dict) -> jax.Array:
                             batch["vision_segments"])
     index = batch["vision_index"]
     return embed_multimodal(model, batch["input_ids"], jnp.take(features, jnp.maximum(index, 0), axis=0), index >= 0)
+
+
+def _frozen(model: Qwen35, tc, params) -> dict:
+    """The `frozen_mask` of tc.frozen, with the MTP block (params["mtp"]) frozen whole when tc.mtp_loss_weight is 0
+    (no loss reaches it: frozen, AdamW's weight decay cannot move it). TrainConfigError: mtp_loss_weight > 0 for a
+    model without an MTP block, or nothing left to train."""
+    from train.config import TrainConfigError
+    mask = frozen_mask(model.config, params, tc.frozen)
+    if tc.mtp_loss_weight > 0 and model.mtp is None:
+        raise TrainConfigError(f"mtp_loss_weight={tc.mtp_loss_weight}: the model has no MTP block (model_overrides: "
+                               "{mtp_num_hidden_layers: 1} for random init, or a checkpoint with mtp.* tensors)",
+                               key="mtp_loss_weight")
+    if model.mtp is None or tc.mtp_loss_weight > 0:
+        return mask
+    mask = jax.tree_util.tree_map_with_path(lambda p, m: np.ones_like(m) if _keys(p)[0] == "mtp" else m, mask)
+    if all(m.all() for m in jax.tree.leaves(mask)):
+        raise TrainConfigError(f"frozen={tc.frozen} freezes everything but the MTP block, which mtp_loss_weight=0 "
+                               "keeps frozen too: set mtp_loss_weight > 0 to train it", key="mtp_loss_weight")
+    return mask
 
 
 class Trainer:
@@ -73,7 +92,7 @@ class Trainer:
         self.graphdef, variables = nnx.split(model)
         self.lora = None if tc.lora is None else LoraSpec.from_config(self.config, tc.lora)
         trained = variables if self.lora is None else adapter_variables(self.lora, tc.seed, abstract=True)
-        self.frozen = frozen_mask(self.config, plain_values(variables), tc.frozen)
+        self.frozen = _frozen(model, tc, plain_values(variables))
         self.tx = make_optimizer(tc, trained, self.frozen if self.lora is None else None)
         self.schedule = learning_rate_schedule(tc)
         self.compute_dtype = resolve_dtype(tc.compute_dtype)
@@ -251,10 +270,12 @@ class Trainer:
         tree = jax.tree_util.tree_map_with_path(outside, tree)
         return tree, {"period_transform": transform, "period_extra": extra}
 
-    def loss_terms(self, params, batch: dict, n_counted, base=None) -> tuple[jax.Array, dict]:
+    def loss_terms(self, params, batch: dict, n_counted, base=None, n_mtp=None) -> tuple[jax.Array, dict]:
         """(objective, metrics) of one (micro-)batch; the cross-entropy term is summed and divided by
         n_counted (all counted tokens of the optimizer step), so micro-batch objectives add up exactly.
-        base: the frozen base parameters (LoRA only)."""
+        base: the frozen base parameters (LoRA only). n_mtp: the MTP term's count of targets over the optimizer
+        step (`train.loss.mtp_targets`), adding tc.mtp_loss_weight x its summed cross-entropy / n_mtp (metrics:
+        "mtp_ce_sum"); None: no MTP term."""
         tree, hook = self._cast(params, base)
         model = nnx.merge(self.graphdef, tree)
         positions, embeds = batch["positions"], None
@@ -266,6 +287,9 @@ class Trainer:
         ce = cross_entropy_sum(hidden, model.logits, batch["targets"], batch["loss_mask"], self.tc.loss_chunk)
         metrics = {"ce_sum": ce}
         objective = ce / n_counted
+        if n_mtp is not None:
+            metrics["mtp_ce_sum"] = self._mtp_ce_sum(model, hidden, batch, positions)
+            objective = objective + self.tc.mtp_loss_weight * metrics["mtp_ce_sum"] / n_mtp
         if stats is not None:
             metrics["aux_loss"] = load_balancing_loss(stats, self.config.num_experts)
             metrics["z_loss"] = router_z_loss(stats)
@@ -273,26 +297,40 @@ class Trainer:
                                      metrics["z_loss"]) / self.tc.grad_accum
         return objective, metrics
 
+    def _mtp_ce_sum(self, model: Qwen35, hidden: jax.Array, batch: dict, positions: jax.Array) -> jax.Array:
+        """The MTP block's summed cross-entropy on token i+2 from (hidden_i, token i+1) (`mtp_targets`): hidden
+        [B, L, H] the trunk's final-normed states, positions [B, L] or [3, B, L] (unshifted), the batch's segments."""
+        targets, mask = mtp_targets(batch)
+        next_embeds = model.embed(jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1))))
+        out = model.mtp(hidden, next_embeds, positions, batch["segment_ids"], moe_backend=self.tc.moe_backend)
+        return cross_entropy_sum(out, model.logits, targets, mask, self.tc.loss_chunk)
+
     def grads(self, params, batch: dict, base=None) -> tuple[dict, dict]:
-        """Gradients of the step objective (mean cross-entropy + router losses) w.r.t. `params`, accumulated over
-        tc.grad_accum micro-batches (base: the frozen base, LoRA only). Returns (grads, metrics)."""
+        """Gradients of the step objective (mean cross-entropy + router losses + tc.mtp_loss_weight x the MTP
+        block's mean cross-entropy) w.r.t. `params`, accumulated over tc.grad_accum micro-batches (base: the frozen
+        base, LoRA only). Returns (grads, metrics: "loss", "tokens", "mtp_loss" and "mtp_tokens" when the MTP term
+        is on, the router losses)."""
         accum = self.tc.grad_accum
         n_counted = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        n_mtp = jnp.maximum(jnp.sum(mtp_targets(batch)[1]), 1.0) if self.tc.mtp_loss_weight > 0 else None
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
         grad_fn = jax.grad(self.loss_terms, has_aux=True)
 
         def body(carry, mb):
             grads, sums = carry
-            g, metrics = grad_fn(params, mb, n_counted, base)
+            g, metrics = grad_fn(params, mb, n_counted, base, n_mtp)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, metrics)), None
 
-        zero_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), n_counted, base)[1])
+        zero_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), n_counted, base,
+                                                      n_mtp)[1])
         init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
         if accum == 1:
             (grads, sums), _ = body(init, jax.tree.map(lambda x: x[0], micro))
         else:
             (grads, sums), _ = jax.lax.scan(body, init, micro)
         metrics = {"loss": sums.pop("ce_sum") / n_counted, "tokens": n_counted}
+        if n_mtp is not None:
+            metrics.update(mtp_loss=sums.pop("mtp_ce_sum") / n_mtp, mtp_tokens=n_mtp)
         metrics.update({k: v / accum for k, v in sums.items()})
         return grads, metrics
 
