@@ -97,25 +97,48 @@ def file_prompts(engine: Engine, path: str, n: int) -> list[list[int]]:
     return [engine.tokenizer.encode(t) for t in texts]
 
 
+def decode_run(engine: Engine, prompts, params: SamplingParams, batch: int) -> tuple[float, list, float | None]:
+    """The prompts in groups of `batch`, one after another: (decode tokens/s: tokens after each row's first over
+    the time from a group's first token to its last, the generated token ids, mean acceptance length)."""
+    tokens = seconds = 0.0
+    outputs, acceptance = [], []
+    for start in range(0, len(prompts), batch):
+        group = prompts[start:start + batch]
+        rows, stamps = [[] for _ in group], []
+        for event in engine.stream(group, params):
+            stamps.append(time.perf_counter())
+            rows[event.index].append(event.token_id)
+            if event.finish_reason is not None and event.mean_acceptance_length is not None:
+                acceptance.append(event.mean_acceptance_length)
+        tokens += sum(len(r) for r in rows) - len(group)
+        seconds += stamps[-1] - stamps[0]
+        outputs += rows
+    return tokens / max(seconds, 1e-9), outputs, (statistics.mean(acceptance) if acceptance else None)
+
+
 def speculative_rows(args) -> list[list]:
-    """Table rows [batch, K, plain tok/s, speculative tok/s, ratio, mean acceptance length, same tokens]."""
+    """Table rows [batch, K, plain tok/s, speculative tok/s, ratio, mean acceptance length, same tokens]: greedy,
+    median over --repeats runs after a compile run. With --prompts-file the prompts run to their EOS (at most
+    --new-tokens), --prompt-count of them; else --new-tokens random-prompt tokens each (EOS ignored)."""
     rows = []
+    plain = Engine.load(args.model, max_len=args.max_len)
+    spec = Engine.load(args.model, max_len=args.max_len, num_speculative_tokens=args.speculative)
     for batch in (int(b) for b in args.batches.split(",")):
-        plain = Engine.load(args.model, max_len=args.max_len)
-        spec = Engine.load(args.model, max_len=args.max_len, num_speculative_tokens=args.speculative)
         if args.prompts_file:
-            prompts = file_prompts(plain, args.prompts_file, batch)
+            prompts = file_prompts(plain, args.prompts_file, args.prompt_count)
+            params = SamplingParams.greedy(max_new_tokens=args.new_tokens)
         else:
             prompts = np.random.default_rng(batch).integers(0, plain.config.vocab_size,
                                                             (batch, args.prompt_len)).tolist()
-        _, plain_step = ours_times(plain, prompts, args.new_tokens, args.repeats)
-        _, spec_step = ours_times(spec, prompts, args.new_tokens, args.repeats)
-        params = SamplingParams.greedy(max_new_tokens=args.new_tokens, ignore_eos=True)
-        expected, got = plain.generate(prompts, params), spec.generate(prompts, params)
-        same = all(a.token_ids == b.token_ids for a, b in zip(expected, got))
-        acceptance = statistics.mean(r.mean_acceptance_length for r in got)
-        rows.append([batch, args.speculative, f"{1 / plain_step:.1f}", f"{1 / spec_step:.1f}",
-                     f"{plain_step / spec_step:.2f}x", f"{acceptance:.2f}", "yes" if same else "NO"])
+            params = SamplingParams.greedy(max_new_tokens=args.new_tokens, ignore_eos=True)
+        runs = {}
+        for name, engine in (("plain", plain), ("spec", spec)):
+            decode_run(engine, prompts[:batch], params, batch)  # compiles
+            results = [decode_run(engine, prompts, params, batch) for _ in range(args.repeats)]
+            runs[name] = (statistics.median(r[0] for r in results), results[0][1], results[0][2])
+        (plain_rate, expected, _), (spec_rate, got, acceptance) = runs["plain"], runs["spec"]
+        rows.append([batch, args.speculative, len(prompts), f"{plain_rate:.1f}", f"{spec_rate:.1f}",
+                     f"{spec_rate / plain_rate:.2f}x", f"{acceptance:.2f}", "yes" if expected == got else "NO"])
     return rows
 
 
@@ -132,15 +155,16 @@ def main(argv=None):
     parser.add_argument("--model", help="checkpoint with MTP weights (with --speculative)")
     parser.add_argument("--prompts-file", help="prompts for --speculative: JSON lines ('prompt'/'text') or lines")
     parser.add_argument("--max-len", type=int, default=1024, help="decode state length (with --speculative)")
+    parser.add_argument("--prompt-count", type=int, default=64, help="prompts taken from --prompts-file")
     args = parser.parse_args(argv)
     if args.speculative:
         if not args.model:
             parser.error("--speculative needs --model (a checkpoint with MTP weights)")
         rows = speculative_rows(args)
-        print(f"greedy decoding, batch row 0's decode tokens/s, {args.new_tokens} new tokens, median of "
-              f"{args.repeats}; {args.model} ({jax.default_backend()})")
-        print_table(["batch", "K", "plain tok/s", "speculative tok/s", "speculative/plain", "mean acceptance length",
-                     "same tokens"], rows)
+        print(f"greedy decoding tokens/s (after each row's first token), at most {args.new_tokens} new tokens, "
+              f"median of {args.repeats}; {args.model} ({jax.default_backend()})")
+        print_table(["batch", "K", "prompts", "plain decode tok/s", "speculative decode tok/s", "speculative/plain",
+                     "mean acceptance length", "same tokens"], rows)
         return
 
     rows, by_context = [], []

@@ -117,7 +117,9 @@ def test_config_errors_are_clear():
 
 
 # ---- runs on 8 fake devices: a two-period MoE (8 layers, scanned) -------------------------------------------
-@pytest.mark.parametrize("mode", ["lora", "full"])
+# full fine-tuning's resume is also tested on one device (test_train) and its sharded step against one device
+# (test_train_equivalence): its 8-device run is in `-m slow`
+@pytest.mark.parametrize("mode", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_run_on_8_devices_resumes_exactly(tmp_path, bpe_folder, mode):
     from test_train import logged, max_diff, run_config
 

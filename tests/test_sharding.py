@@ -13,7 +13,9 @@ from qwen35_jax.hf_reference import random_tokens
 from qwen35_jax.hlo_cost import shape_bytes
 from qwen35_jax.sharding import MeshError, logical_spec, make_mesh, parse_mesh_spec
 
-MESHES = ["tensor=8", "expert=4,tensor=2", "fsdp=2,expert=2,tensor=2"]
+# tensor=8 (pure tensor parallelism) is the slowest; the default run keeps the two meshes that shard tensor with
+# expert (and fsdp) axes, `-m slow` adds it
+MESHES = [pytest.param("tensor=8", marks=pytest.mark.slow), "expert=4,tensor=2", "fsdp=2,expert=2,tensor=2"]
 
 
 def run_on(model, mesh, fn, *args):

@@ -46,7 +46,7 @@ def gated_delta_steps(q, k, v, g, beta, initial_state):
 
     time_major = [jnp.moveaxis(t, 1, 0) for t in (q, k, v, g, beta)]
     initial_state = initial_state.astype(jnp.float32)
-    _, (out, states) = jax.lax.scan(step, initial_state, time_major)
+    _, (out, states) = jax.lax.scan(step, initial_state, time_major, unroll=True)  # a few tokens: unrolled
     return jnp.moveaxis(out, 0, 1), jnp.concatenate([initial_state[:, None], jnp.moveaxis(states, 0, 1)], axis=1)
 
 
