@@ -7,6 +7,9 @@
     qwen35_time_to_first_token_seconds, qwen35_inter_token_latency_seconds, qwen35_e2e_request_latency_seconds
                                                                              histograms, timed in on_output
     qwen35_requests_finished_total{finish_reason}
+    qwen35_spec_decode_num_drafts_total, _num_draft_tokens_total, _num_accepted_tokens_total
+                                          speculative decoding (vLLM's names): verify steps, drafted tokens (K per
+                                          step), accepted drafts; mean acceptance length = 1 + accepted / drafts
 
 `on_output` runs on the engine core's scheduler thread; everything it touches is thread-safe and it never raises.
 """
@@ -82,6 +85,13 @@ class _CoreCollector:
                     ("prefix_cache_hits", "Prefix-cache lookups that hit", s["prefix_cache_hits"]),
                     ("prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                      s["prefix_cache_hit_tokens"])]
+        if s.get("num_speculative_tokens"):
+            counters += [("spec_decode_num_drafts", "Speculative verify steps (one per slot per step)",
+                          s["spec_decode_num_drafts"]),
+                         ("spec_decode_num_draft_tokens", "Tokens drafted by the MTP block",
+                          s["spec_decode_num_draft_tokens"]),
+                         ("spec_decode_num_accepted_tokens", "Drafted tokens accepted by the target model",
+                          s["spec_decode_num_accepted_tokens"])]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"qwen35_{name}", doc, value=value)
 

@@ -7,7 +7,8 @@ keyed by a hash of the token prefix; a new prompt resumes from its longest cache
 the prefill calls the uncached prompt would make from there, so its outputs are bit-identical.
 
 Snapshots live on the host (numpy; attention KV cut to the prefix), within a byte budget, least recently used
-evicted first.
+evicted first. A speculative engine's state holds the MTP block's cache as well: it is snapshotted (cut to the
+prefix) with the rest.
 """
 
 from __future__ import annotations
@@ -69,8 +70,12 @@ class PrefixCache:
     def store(self, key: str, state: dict, end: int) -> None:
         """Stores a one-row decode state holding exactly the prefix [0, end) (attention KV cut to `end`)."""
         snapshot = jax.tree.map(np.asarray, jax.device_get(state))
-        snapshot["layers"] = [{name: (value[..., :end, :, :] if name in ("k", "v") else value)
-                               for name, value in layer.items()} for layer in snapshot["layers"]]
+
+        def cut(layer):
+            return {name: (value[..., :end, :, :] if name in ("k", "v") else value) for name, value in layer.items()}
+        snapshot["layers"] = [cut(layer) for layer in snapshot["layers"]]
+        if "mtp" in snapshot:  # speculative decoding: the MTP block's cache, complete up to `end` too
+            snapshot["mtp"] = cut(snapshot["mtp"])
         size = sum(leaf.nbytes for leaf in jax.tree.leaves(snapshot))
         if size > self.budget:
             return

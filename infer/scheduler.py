@@ -10,7 +10,7 @@ Each round: (1) waiting requests take free slots (continuous batching; a finishe
 free at once); (2) requests being admitted prefill, one chunk call at a time, within a token budget per round
 (resuming from the longest cached prefix, `infer.prefix_cache`); a request whose prompt is done samples its first
 token and is written into its slot; (3) every decoding slot runs up to `decode_steps` tokens on device in one call
-(`infer.slot_steps.decode_block`), and the host turns them into text and outputs. Per-slot sampling parameters are
+(`infer.slot_steps.make_steps`' block), and the host turns them into text and outputs. Per-slot sampling parameters are
 arrays, every shape is static or bucketed (prefill widths: powers of two up to the prefill chunk), so after
 `warmup()` no pattern of text requests compiles anything (`trace_counts()`). A request with images or videos
 (a `VisionPrompt`) runs its encoder once when its prefill starts (compiling per new patch bucket) and prefills
@@ -18,6 +18,13 @@ through the vision variant of the prefill step (compiled once per width); it is 
 
 A request is prefilled alone ([1, width] calls, `infer.engine.prefill_chunks`, as `Engine.generate` prefills one
 prompt) and decoded in its slot, so its greedy tokens are those of `Engine.generate` for the same prompt.
+
+With an engine built with `num_speculative_tokens` K > 0 the core decodes speculatively: the prefill also fills the
+MTP block's cache, a slot carries the MTP carry (`infer.slot_steps`), and each decode step drafts K tokens and
+verifies them in one forward (`infer.speculative`), emitting 1..K+1 tokens per slot; logprobs are the target
+model's. Prefix-cache snapshots then hold the MTP cache too and are taken only where it is complete (a chunk
+boundary before the prompt's last token). Each request reports its mean acceptance length (tokens per verify
+step), on its last output and in `stats()` totals.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class TokenOutput:
     logprob: float | None = None               # raw-model log-probability of token_id (when asked)
     top_logprobs: list[tuple[int, float]] | None = None
     completion_tokens: int = 0                 # generated so far, this one included
+    mean_acceptance_length: float | None = None  # speculative decoding: tokens per verify step, on the last output
 
 
 class Request:
@@ -87,6 +95,8 @@ class Request:
         self.row = _Row(params, core.engine.tokenizer)
         self.slot: int | None = None
         self.state = self.logits = None        # the one-row decode state and last logits while prefilling
+        self.hidden = None                     # speculative: the final-normed hidden state at the last prefilled token
+        self.spec_steps = self.spec_tokens = 0  # speculative: verify steps taken, tokens they emitted
         self.chunks: collections.deque = collections.deque()
         self.length = 0                        # tokens in its decode state
         self.cancelled = self.done = False
@@ -94,6 +104,11 @@ class Request:
     def cancel(self) -> None:
         self.cancelled = True
         self.core._wake()
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Speculative decoding: tokens emitted per verify step (accepted drafts + 1); None before any step."""
+        return self.spec_tokens / self.spec_steps if self.spec_steps else None
 
 
 class EngineCore:
@@ -118,6 +133,7 @@ class EngineCore:
         self.prefilling: list[Request] = []
         self.running: dict[int, Request] = {}
         self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.spec_steps_total = self.spec_accepted_total = 0  # speculative: verify steps, accepted drafts
         self._cv = threading.Condition()
         self._draining = self._stopping = self._warm = False
         self._thread: threading.Thread | None = None
@@ -171,7 +187,11 @@ class EngineCore:
                     "max_batch": self.max_batch, "prompt_tokens_total": self.prompt_tokens_total,
                     "generation_tokens_total": self.generation_tokens_total,
                     "prefix_cache_queries": self.cache.queries, "prefix_cache_hits": self.cache.hits,
-                    "prefix_cache_hit_tokens": self.cache.hit_tokens, "prefix_cache_bytes": self.cache.bytes}
+                    "prefix_cache_hit_tokens": self.cache.hit_tokens, "prefix_cache_bytes": self.cache.bytes,
+                    "num_speculative_tokens": self.engine.num_speculative_tokens,
+                    "spec_decode_num_drafts": self.spec_steps_total,
+                    "spec_decode_num_draft_tokens": self.spec_steps_total * self.engine.num_speculative_tokens,
+                    "spec_decode_num_accepted_tokens": self.spec_accepted_total}
 
     def trace_counts(self) -> dict:
         """How often each jitted step was traced (compiled): constant after `warmup()` for text requests."""
@@ -181,16 +201,15 @@ class EngineCore:
     def warmup(self) -> None:
         """Compiles the prefill at every width, the first-token sampler, the slot insert and the decode block."""
         widths = sorted({_bucket(n, self.engine.prefill_chunk) for n in range(1, self.engine.prefill_chunk + 1)})
-        state = self.engine.init_state(1)
-        for width in widths:
-            logits, state = self.engine._prefill(self.engine.params, state, jnp.zeros((1, width), jnp.int32),
-                                                 jnp.ones((1,), jnp.int32))
         request = Request(self, [0], SamplingParams.greedy(), lambda out: None, None, 0)
-        request.state, request.logits = state, logits
+        request.state = self.engine.init_state(1)
+        for width in widths:
+            self._prefill_call(request, 0, width)
         token, counts, seen, sampling = self._first_token(request)
-        self.slots = self._insert(self.slots, state, token, counts, seen, sampling,
+        self.slots = self._insert(self.slots, request.state, token, counts, seen, sampling,
                                   jax.device_put(np.ones((1,), np.int32)),
-                                  jax.device_put(np.full((1, MAX_STOP_IDS), -1, np.int32)), np.int32(0))
+                                  jax.device_put(np.full((1, MAX_STOP_IDS), -1, np.int32)), np.int32(0),
+                                  *self._carry_start(request))
         self.slots, _ = self._block(self.engine.params, self.slots, jax.device_put(np.zeros(self.max_batch, bool)),
                                     np.bool_(False))
         jax.block_until_ready(self.slots)
@@ -264,20 +283,44 @@ class EngineCore:
     def _prefill_chunk(self, request: Request) -> int:
         """One prefill call of the request's next chunk; returns how many prompt tokens it consumed."""
         offset, width = request.chunks.popleft()
-        piece = request.prompt_ids[offset:offset + width]
+        n = self._prefill_call(request, offset, width)
+        end = offset + n
+        # speculative: the MTP cache holds position i once token i + 1 is known, so it is complete at `end` only
+        # when the prompt goes on past it
+        complete = not self.engine.num_speculative_tokens or end < len(request.prompt_ids)
+        cacheable = n == self.engine.prefill_chunk and request.vision is None and complete
+        key = self.cache.wants(request.prompt_ids, end) if cacheable else None
+        if key is not None:
+            self.cache.store(key, request.state, end)
+        return n
+
+    def _prefill_call(self, request: Request, offset: int, width: int) -> int:
+        """Prefills the request's prompt tokens [offset, offset + width) into request.state (request.logits, and
+        with speculative decoding request.hidden, after them), as `Engine._run_prefill` does for one row: with
+        speculative decoding the MTP cache advances over the positions whose next token is known. Returns how
+        many prompt tokens it consumed."""
+        ids = request.prompt_ids
+        piece = ids[offset:offset + width]
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(piece)] = piece
         # jax.device_put, not jnp.asarray: the latter compiles a staging op per new shape
         extra = () if request.vision is None else (request.vision.chunk(offset, width),)
-        request.logits, request.state = self.engine._prefill(self.engine.params, request.state, jax.device_put(tokens),
-                                                             jax.device_put(np.array([len(piece)], np.int32)),
-                                                             *extra)
-        end = offset + len(piece)
-        cacheable = len(piece) == self.engine.prefill_chunk and request.vision is None
-        key = self.cache.wants(request.prompt_ids, end) if cacheable else None
-        if key is not None:
-            self.cache.store(key, request.state, end)
+        if self.engine.num_speculative_tokens:
+            following = np.zeros((1, width), np.int32)
+            after = ids[offset + 1:offset + width + 1]
+            following[0, :len(after)] = after
+            known = np.array([min(len(piece), max(len(ids) - offset - 1, 0))], np.int32)
+            extra = (extra or (None,)) + ((jax.device_put(following), jax.device_put(known)),)
+        out = self.engine._prefill(self.engine.params, request.state, jax.device_put(tokens),
+                                   jax.device_put(np.array([len(piece)], np.int32)), *extra)
+        request.logits, request.state = out[:2]
+        if self.engine.num_speculative_tokens:
+            request.hidden = out[2]
         return len(piece)
+
+    def _carry_start(self, request: Request) -> tuple:
+        """The insert's extra argument: the request's last prefilled hidden state (speculative decoding)."""
+        return (request.hidden,) if self.engine.num_speculative_tokens else ()
 
     def _first_sample_traces(self) -> int:
         size = getattr(self.engine._first_sample_jit, "_cache_size", None)
@@ -314,8 +357,8 @@ class EngineCore:
         stop_ids[0, :min(len(ids), MAX_STOP_IDS)] = ids[:MAX_STOP_IDS]
         remaining = jax.device_put(np.array([request.params.max_new_tokens - 1], np.int32))
         self.slots = self._insert(self.slots, request.state, token, counts, seen, sampling, remaining,
-                                  jax.device_put(stop_ids), np.int32(request.slot))
-        request.state = request.logits = request.vision = None
+                                  jax.device_put(stop_ids), np.int32(request.slot), *self._carry_start(request))
+        request.state = request.logits = request.vision = request.hidden = None
         self.running[request.slot] = request
 
     # ---- decode -------------------------------------------------------------------------------
@@ -325,16 +368,27 @@ class EngineCore:
         want = any(r.logprobs for r in self.running.values())
         self.slots, out = self._block(self.engine.params, self.slots, jax.device_put(active), np.bool_(want))
         out = jax.device_get(out)
+        valid = out["valid"]  # [steps, slots, tokens per step]
+        if self.engine.num_speculative_tokens:
+            self.spec_steps_total += int(valid[:, :, 0].sum())
+            self.spec_accepted_total += int(out["accepted"][valid[:, :, 0]].sum())
         for k in range(self.decode_steps):
             for slot, request in self.running.items():
-                if out["valid"][k, slot] and not request.done:
+                if not valid[k, slot, 0] or request.done:
+                    continue
+                if self.engine.num_speculative_tokens:
+                    request.spec_steps += 1
+                    request.spec_tokens += int(valid[k, slot].sum())
+                for m in range(valid.shape[2]):
+                    if not valid[k, slot, m] or request.done:
+                        break
                     request.length += 1
                     top = None
                     if request.logprobs:
-                        top = [(int(i), float(v)) for i, v in zip(out["top_ids"][k, slot][:request.logprobs],
-                                                                   out["top_logprobs"][k, slot][:request.logprobs])]
-                    logprob = float(out["logprob"][k, slot]) if request.logprobs is not None else None
-                    self._emit(request, int(out["token"][k, slot]), logprob, top)
+                        top = [(int(i), float(v)) for i, v in zip(out["top_ids"][k, slot, m][:request.logprobs],
+                                                                   out["top_logprobs"][k, slot, m][:request.logprobs])]
+                    logprob = float(out["logprob"][k, slot, m]) if request.logprobs is not None else None
+                    self._emit(request, int(out["token"][k, slot, m]), logprob, top)
         for request in list(self.running.values()):
             if not request.done and not out["active"][request.slot]:
                 log.error("slot %d stopped on device but not on the host; finishing it", request.slot)
@@ -347,7 +401,8 @@ class EngineCore:
         text = request.row.accept(token, self._eos(request), cache_full)
         request.done = request.row.finish is not None
         self.generation_tokens_total += 1
-        request.on_output(TokenOutput(token, text, request.row.finish, logprob, top, len(request.row.tokens)))
+        mean = request.mean_acceptance_length if request.done else None
+        request.on_output(TokenOutput(token, text, request.row.finish, logprob, top, len(request.row.tokens), mean))
 
     def _eos(self, request: Request) -> tuple[int, ...]:
         tokenizer = self.engine.tokenizer
@@ -356,7 +411,7 @@ class EngineCore:
     def _release(self, request: Request) -> None:
         """Frees the request's slot (finished or cancelled)."""
         request.done = True
-        request.state = request.logits = request.vision = None
+        request.state = request.logits = request.vision = request.hidden = None
         if request in self.prefilling:
             self.prefilling.remove(request)
         if self.running.get(request.slot) is request:
@@ -378,9 +433,14 @@ class EngineCore:
         self.slots = self._empty_slots()
 
     def _empty_slots(self) -> dict:
-        vocab, rows = self.engine.config.vocab_size, self.max_batch
-        return {"state": self.engine.init_state(rows), "token": jnp.zeros((rows,), jnp.int32),
-                "counts": jnp.zeros((rows, vocab), jnp.int32), "seen": jnp.zeros((rows, vocab), bool),
-                "sampling": batch_arrays([SamplingParams.greedy()] * rows, [0] * rows),
-                "step": jnp.zeros((rows,), jnp.int32), "remaining": jnp.zeros((rows,), jnp.int32),
-                "stop_ids": jnp.full((rows, MAX_STOP_IDS), -1, jnp.int32)}
+        vocab, rows, k = self.engine.config.vocab_size, self.max_batch, self.engine.num_speculative_tokens
+        slots = {"state": self.engine.init_state(rows), "token": jnp.zeros((rows,), jnp.int32),
+                 "counts": jnp.zeros((rows, vocab), jnp.int32), "seen": jnp.zeros((rows, vocab), bool),
+                 "sampling": batch_arrays([SamplingParams.greedy()] * rows, [0] * rows),
+                 "step": jnp.zeros((rows,), jnp.int32), "remaining": jnp.zeros((rows,), jnp.int32),
+                 "stop_ids": jnp.full((rows, MAX_STOP_IDS), -1, jnp.int32)}
+        if k:
+            hidden = (rows, k + 1, self.engine.config.hidden_size)
+            slots["carry"] = {"hidden": jnp.zeros(hidden, self.engine.model.dtype),
+                              "tokens": jnp.zeros((rows, k + 1), jnp.int32), "n": jnp.zeros((rows,), jnp.int32)}
+        return slots

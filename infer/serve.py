@@ -2,12 +2,16 @@
 
     python -m infer.serve --model PATH [--mesh SPEC] [--max-batch N] [--max-len L] [--port 8000]
         [--host 127.0.0.1] [--prefix-cache-bytes B] [--max-queue Q] [--decode-steps K] [--prefill-budget T] [--dtype float32|bfloat16]
-        [--served-model-name NAME]
+        [--served-model-name NAME] [--speculative K]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (SSE streaming or not), GET /v1/models, /health,
 /metrics (Prometheus). Bad input is an HTTP 400 with OpenAI's error body naming the field (404 for an unknown
 model, 429 when the queue is full, 503 while draining). SIGTERM (or SIGINT) drains: requests in flight finish,
 new ones get 503, then the server exits; a second signal exits at once.
+
+--speculative K (1..4) decodes with K drafts of the checkpoint's MTP block per step (`infer.speculative`, in the
+engine core); each response's `usage` then carries `mean_acceptance_length` (tokens per verify step, over its
+choices) and /metrics vLLM-style `qwen35_spec_decode_num_{drafts,draft_tokens,accepted_tokens}_total` counters.
 
 Threads: the engine core's scheduler thread calls each request's on_output; `Submission` hands the outputs to
 the event loop with `call_soon_threadsafe` into one asyncio.Queue per HTTP request.
@@ -104,6 +108,11 @@ class Submission:
                 if out.finish_reason is not None:
                     self.finished.add(index)
             yield grouped
+
+    def mean_acceptance_length(self) -> float | None:
+        """Speculative decoding: tokens per verify step over every choice (None before any step)."""
+        steps = sum(r.spec_steps for r in self.requests)
+        return sum(r.spec_tokens for r in self.requests) / steps if steps else None
 
     def cached_tokens(self, per_prompt: int) -> int:
         """Prompt tokens served from the prefix cache, counted once per prompt (its first choice)."""
@@ -280,8 +289,11 @@ class Server:
 
     def _usage(self, submission: Submission, choices, prompts: list[list[int]]) -> dict:
         n = len(choices) // len(prompts)
-        return usage(sum(len(p) for p in prompts), sum(len(c.token_ids) for c in choices),
+        body = usage(sum(len(p) for p in prompts), sum(len(c.token_ids) for c in choices),
                      submission.cached_tokens(n))
+        if self.engine.num_speculative_tokens:
+            body["mean_acceptance_length"] = submission.mean_acceptance_length()
+        return body
 
     def _stream(self, submission, choices, meta, opts, prompts, kind, first_extra) -> StreamingResponse:
         async def events():
@@ -383,6 +395,9 @@ def build_parser():
     p.add_argument("--prefill-budget", type=int, default=2048,
                    help="prompt tokens prefilled per scheduler step (at least one chunk call runs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="speculative decoding: K tokens (1-4) drafted by the checkpoint's MTP block per step and "
+                        "verified in one forward (0: off)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="image_url parts may name local files inside DIR (default: data URLs only)")
@@ -415,9 +430,11 @@ def main(argv=None) -> int:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     if args.prefix_cache_bytes < 0 or args.max_queue < 0:
         raise ValueError("--prefix-cache-bytes and --max-queue must be >= 0")
+    if not 0 <= args.speculative <= 4:
+        raise ValueError(f"--speculative={args.speculative}: expected 0..4 (0: off)")
     mesh = make_mesh(args.mesh) if args.mesh else None
     engine = Engine.load(args.model, dtype=args.dtype, max_len=args.max_len, mesh=mesh,
-                         prefill_chunk=args.prefill_chunk)
+                         prefill_chunk=args.prefill_chunk, num_speculative_tokens=args.speculative)
     name = args.served_model_name or Path(args.model).resolve().name
     print(f"compiling (max batch {args.max_batch}, max len {args.max_len}) ...", file=sys.stderr, flush=True)
     core = EngineCore(engine, max_batch=args.max_batch, max_queue=args.max_queue, decode_steps=args.decode_steps,
