@@ -66,8 +66,12 @@ def request_probs(logits: jax.Array, counts: jax.Array, seen: jax.Array, samplin
 
 
 def draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
-    """One token per row from probs [B, V] (keys [B] typed PRNG keys); a one-hot row gives its token."""
-    return jax.vmap(jax.random.categorical)(keys, jnp.log(probs)).astype(jnp.int32)
+    """One token per row from probs [B, V] (keys [B] typed PRNG keys); a one-hot row gives its token. A batch of
+    one-hot rows only (all greedy) takes the argmax without drawing random numbers."""
+    def sampled(probs):
+        return jax.vmap(jax.random.categorical)(keys, jnp.log(probs)).astype(jnp.int32)
+    one_hot = jnp.all(jnp.max(probs, axis=-1) == 1.0)
+    return jax.lax.cond(one_hot, lambda p: jnp.argmax(p, axis=-1).astype(jnp.int32), sampled, probs)
 
 
 def row_keys(sampling: dict, step: jax.Array, salt: int) -> jax.Array:
@@ -77,9 +81,10 @@ def row_keys(sampling: dict, step: jax.Array, salt: int) -> jax.Array:
         sampling["key"], steps)
 
 
-def accept(drafts: jax.Array, draft_probs: jax.Array, target_probs: jax.Array, keys: jax.Array
-           ) -> tuple[jax.Array, jax.Array]:
-    """Speculative acceptance. drafts int [B, K] drawn from draft_probs [B, K, V]; target_probs [B, K+1, V].
+def accept(drafts: jax.Array, draft_probs: jax.Array, target_probs: jax.Array, keys: jax.Array,
+           sampled: jax.Array | bool = True) -> tuple[jax.Array, jax.Array]:
+    """Speculative acceptance. drafts int [B, K] drawn from draft_probs [B, K, V]; target_probs [B, K+1, V];
+    sampled: whether any row samples (False: all rows greedy, one-hot p and q, and no random numbers are drawn).
 
     Returns (accepted int [B] in 0..K, tokens int [B, K+1]: the accepted drafts, then at index `accepted` the
     target's token: drawn from norm(max(p - q, 0)) after a rejection, from p_K when all K were accepted).
@@ -88,8 +93,11 @@ def accept(drafts: jax.Array, draft_probs: jax.Array, target_probs: jax.Array, k
     split = jax.vmap(lambda key: jax.random.split(key, 2))(keys)
     p_draft = jnp.take_along_axis(target_probs[:, :k], drafts[..., None], axis=-1)[..., 0]
     q_draft = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
-    u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(split[:, 0])
-    ok = u * q_draft < p_draft  # accept with probability min(1, p / q); q(d) > 0 for a drawn d
+    # accept with probability min(1, p / q) (q(d) > 0 for a drawn d); with greedy rows only (one-hot p and q)
+    # u = 0 decides the same (p(d) > 0) without drawing
+    uniform = lambda keys: jax.vmap(lambda key: jax.random.uniform(key, (k,)))(keys)  # noqa: E731
+    u = jax.lax.cond(jnp.asarray(sampled), uniform, lambda keys: jnp.zeros((b, k)), split[:, 0])
+    ok = u * q_draft < p_draft
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
     padded_q = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)  # q_K = 0: plain p_K
     residual = jnp.maximum(target_probs - padded_q, 0.0)
@@ -156,7 +164,8 @@ def speculative_step(model, state: dict, pending, carry: dict, counts, seen, sam
                                              keep_steps=True)
     c, s = position_counts(counts, seen, drafts)
     target = request_probs(model.logits(hidden).astype(jnp.float32), c, s, sampling)
-    accepted, tokens = accept(drafts, draft_probs, target, row_keys(sampling, step, 0))
+    accepted, tokens = accept(drafts, draft_probs, target, row_keys(sampling, step, 0),
+                              jnp.any(sampling["temperature"] > 0))
     emitted = emitted_count(accepted, tokens, jnp.maximum(limit, 1), stop_ids) * active
     state = state_after_tokens(steps, state["lengths"], emitted)
     taken = jnp.arange(k + 1)[None] < emitted[:, None]

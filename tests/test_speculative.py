@@ -46,6 +46,10 @@ def test_greedy_acceptance_is_exact_match_and_emission_stops_at_limits_and_stop_
     accepted, tokens = accept(drafts, jnp.asarray(eye[np.asarray(drafts)]), target, jax.random.split(jax.random.key(0), 3))
     np.testing.assert_array_equal(accepted, [2, 1, 0])
     np.testing.assert_array_equal(tokens, [[1, 2, 3], [1, 4, 0], [5, 0, 0]])
+    no_draws = accept(drafts, jnp.asarray(eye[np.asarray(drafts)]), target, jax.random.split(jax.random.key(0), 3),
+                      sampled=False)  # the all-greedy path draws no random numbers and decides the same
+    np.testing.assert_array_equal(no_draws[0], accepted)
+    np.testing.assert_array_equal(no_draws[1], tokens)
     stop = jnp.asarray([[-1], [1], [-1]], jnp.int32)
     np.testing.assert_array_equal(emitted_count(accepted, tokens, jnp.asarray([3, 3, 3]), stop), [3, 1, 1])
     np.testing.assert_array_equal(emitted_count(accepted, tokens, jnp.asarray([2, 3, 1]), stop[:, :0] - 1), [2, 2, 1])
