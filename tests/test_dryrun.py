@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
+from flax import nnx
 
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.dryrun import main
+from qwen35_jax.nn.model import Qwen35
 
 GIB = 2**30
 
@@ -31,8 +34,12 @@ def test_35b_train_on_8_devices(capsys):
     # experts split 8 ways (4 expert x 2 tensor); everything else FSDP-sharded over the expert axis (4), some of
     # it over tensor too: nothing but tiny vectors is replicated
     assert experts / 8 + rest / 8 <= params <= (experts / 8 + rest / 4) * 1.01
-    assert abs(report["optimizer_state_bytes_per_device"] - 2 * params) < 1e6  # AdamW mu + nu
-    assert report["total_bytes_per_device"] > params + report["optimizer_state_bytes_per_device"]
+    # AdamW mu + nu of every parameter but the MTP block's (frozen without an MTP loss: no optimizer state), whose
+    # share per device lies between an eighth and a quarter of it
+    mtp = 4 * sum(x.size for x in jax.tree.leaves(nnx.state(Qwen35.abstract(cfg).mtp)))
+    optimizer = report["optimizer_state_bytes_per_device"]
+    assert 2 * (params - mtp / 4) - 1e6 <= optimizer <= 2 * (params - mtp / 8) + 1e6
+    assert report["total_bytes_per_device"] > params + optimizer
     assert report["fits"] == (report["total_bytes_per_device"] <= 95 * GIB)
     # tokens travel to their experts' owners (all-to-all); FSDP gathers weights; gradients are reduced
     assert report["collectives"]["all-to-all"] > 0 and report["collectives"]["all-gather"] > 0

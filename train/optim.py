@@ -1,4 +1,4 @@
-"""The optimizer: AdamW with warmup + cosine decay, selective weight decay, clipping, frozen groups.
+r"""The optimizer: AdamW with warmup + cosine decay, selective weight decay, clipping, frozen groups.
 
 `frozen` patterns (and LoRA `targets`, `train.lora`) are regexes over HF-style tensor names with real layer
 indices, as HF's causal LM names them: `model.embed_tokens.weight`, `model.layers.3.mlp.gate.weight`,
