@@ -97,6 +97,12 @@ def oracle_drafts(table, vocab, k, corrupt_every):
     return drafts
 
 
+# The two runs compute the same float32 arithmetic with different matmul shapes (K+1 tokens per verify vs 1 per
+# step), so the states differ by rounding: measured at most 1.19e-6 over 256 tokens (values up to ~2: 5 ulps).
+# The bound leaves room for other jax versions' kernels; selecting the state one token off changes the tokens.
+STATE_ATOL = 4e-6
+
+
 def assert_same_state(spec_state, plain_state, lengths):
     np.testing.assert_array_equal(spec_state["lengths"], plain_state["lengths"])
     for spec_layer, plain_layer in zip(spec_state["layers"], plain_state["layers"]):
@@ -104,9 +110,10 @@ def assert_same_state(spec_state, plain_state, lengths):
             spec = np.asarray(spec_layer[name])
             if name in ("k", "v"):  # entries past each row's length are free
                 for b, n in enumerate(lengths):
-                    np.testing.assert_allclose(spec[..., b, :n, :, :], plain[..., b, :n, :, :], atol=1e-6, rtol=1e-6)
+                    np.testing.assert_allclose(spec[..., b, :n, :, :], plain[..., b, :n, :, :], atol=STATE_ATOL,
+                                               rtol=0)
             else:
-                np.testing.assert_allclose(spec, plain, atol=1e-6, rtol=1e-6)
+                np.testing.assert_allclose(spec, plain, atol=STATE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
