@@ -43,7 +43,7 @@ def check_speculative(model, k: int) -> None:
 def position_counts(counts: jax.Array, seen: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The penalty inputs at each of T positions when tokens [B, T-1] are appended one by one: counts int
     [B, T, V] and seen bool [B, T, V], position j counting tokens[:, :j]."""
-    b, steps = tokens.shape
+    b = tokens.shape[0]
     onehot = jax.nn.one_hot(tokens, counts.shape[-1], dtype=counts.dtype)  # [B, T-1, V]
     before = jnp.concatenate([jnp.zeros((b, 1, counts.shape[-1]), counts.dtype), jnp.cumsum(onehot, axis=1)],
                              axis=1)
