@@ -8,7 +8,7 @@ import pytest
 from qwen35_jax.ops.attention import attention, causal_mask
 from qwen35_jax.ops.conv import causal_conv1d
 from qwen35_jax.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent, gated_delta_step
-from qwen35_jax.ops.moe import moe_experts, route
+from qwen35_jax.ops.moe import expert_ffn_rows, moe_experts, route
 from qwen35_jax.ops.norm import l2_normalize
 from qwen35_jax.ops.rope import mrope_axis_of_slot
 
@@ -143,9 +143,35 @@ def test_moe_backends_match_reference(tokens, experts, top_k):
     top = np.sort(p, -1)[:, ::-1][:, :top_k]
     np.testing.assert_allclose(weights, top / top.sum(-1, keepdims=True), atol=1e-6)
     ref = moe_reference(x, np.asarray(weights), np.asarray(ids), w1, w2)
-    for backend in ("blocked", "ragged"):
+    for backend in ("blocked", "ragged", "gather"):
         got = jax.jit(moe_experts, static_argnames="backend")(x, weights, ids, w1, w2, backend=backend)
         np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=backend)
+
+
+@pytest.mark.parametrize("platform,rows,expected", [("cpu", 2, "gather"), ("cpu", 8, "gather"),
+                                                    ("cpu", 9, "blocked"), ("gpu", 4, "gather"), ("tpu", 2, "ragged")])
+def test_auto_moe_backend_by_rows(monkeypatch, platform, rows, expected):
+    """auto gathers the rows' expert weights off TPU while there are no more rows than experts (8 here), and the
+    gathered weights fit GATHER_MAX_BYTES."""
+    import qwen35_jax.ops.moe as moe
+    monkeypatch.setattr(moe, "target_platform", lambda: platform)
+    w1, w2 = jnp.zeros((8, 32, 2, 24)), jnp.zeros((8, 24, 32))
+    assert moe.auto_backend(rows, w1, w2) == expected
+    monkeypatch.setattr(moe, "GATHER_MAX_BYTES", rows * (w1[0].size + w2[0].size) * 4 - 1)
+    assert moe.auto_backend(rows, w1, w2) == ("ragged" if platform == "tpu" else "blocked")
+
+
+def test_moe_gather_skips_foreign_rows():
+    """An id equal to E (an expert elsewhere, or padding) gives a zero row with every backend."""
+    r = np.random.default_rng(1)
+    rows = jnp.asarray(r.normal(size=(5, 16)), jnp.float32)
+    w1 = jnp.asarray(0.1 * r.normal(size=(4, 16, 2, 8)), jnp.float32)
+    w2 = jnp.asarray(0.1 * r.normal(size=(4, 8, 16)), jnp.float32)
+    ids = jnp.asarray([0, 4, 3, 4, 1])
+    got = {b: np.asarray(expert_ffn_rows(rows, ids, w1, w2, b)) for b in ("blocked", "gather")}
+    np.testing.assert_array_equal(got["gather"][[1, 3]], 0)
+    np.testing.assert_allclose(got["gather"], got["blocked"], atol=1e-6)
+    assert np.abs(got["gather"][[0, 2, 4]]).min() > 0
 
 
 def test_moe_blocked_gradients_match_ragged():
@@ -157,6 +183,7 @@ def test_moe_blocked_gradients_match_ragged():
 
     def loss(backend):
         return lambda x, w1, w2, wt: jnp.sum(jnp.sin(moe_experts(x, wt, ids, w1, w2, backend)))
-    grads = {b: jax.grad(loss(b), argnums=(0, 1, 2, 3))(x, w1, w2, weights) for b in ("blocked", "ragged")}
-    for a, b in zip(grads["blocked"], grads["ragged"]):
-        np.testing.assert_allclose(a, b, atol=2e-5)
+    grads = {b: jax.grad(loss(b), argnums=(0, 1, 2, 3))(x, w1, w2, weights) for b in ("blocked", "ragged", "gather")}
+    for other in ("ragged", "gather"):
+        for a, b in zip(grads["blocked"], grads[other]):
+            np.testing.assert_allclose(a, b, atol=2e-5, err_msg=other)

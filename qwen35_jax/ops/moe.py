@@ -1,7 +1,7 @@
 """Dropless MoE: route, sort assignments by expert, grouped SwiGLU matmuls, unsort, combine.
 
-The grouped matmul has two backends with identical results: `jax.lax.ragged_dot` (TPU) and a block-padded loop
-(CPU and GPU). XLA:CPU runs `ragged_dot` ~50x below matmul speed (see `grouped_cpu.py`); XLA:GPU (jax 0.11.2,
+The grouped matmul has three backends with identical results: `jax.lax.ragged_dot` (TPU), a block-padded loop
+(CPU and GPU) and, for a few rows (decode), a gather of each row's expert weights (`auto_backend`). XLA:CPU runs `ragged_dot` ~50x below matmul speed (see `grouped_cpu.py`); XLA:GPU (jax 0.11.2,
 H200) expands it into dense per-expert work: the 35B-A3B LoRA step compiled for one H200 counted 6.8e16 FLOPs and
 1,656 GiB of temporaries with `ragged_dot`, 6.2e14 (the analytic 6.3e14) and 95 GiB with the blocked loop.
 """
@@ -63,7 +63,11 @@ def grouped_swiglu_ragged(x_sorted, group_sizes, w_gate_up, w_down):
     return jax.lax.ragged_dot(act, w_down, group_sizes)
 
 
-MOE_BACKENDS = ("auto", "ragged", "blocked")  # auto: ragged_dot on TPU, blocked on CPU and GPU
+MOE_BACKENDS = ("auto", "ragged", "blocked", "gather")  # auto: `auto_backend`
+# auto takes "gather" while the rows' gathered expert weights stay under this. Measured on the 2-core CPU (float32,
+# us per call, blocked / gather): 8 experts of H=I=128: 2 rows 152 / 76, 8 rows 198 / 130; 64 experts of H=512,
+# I=256: 2 rows (3 MiB) 346 / 242, 8 rows (12.6 MiB) 748 / 1630.
+GATHER_MAX_BYTES = 4 * 2**20
 
 
 def target_platform() -> str:
@@ -74,7 +78,28 @@ def target_platform() -> str:
 
 
 def default_backend() -> str:
+    """The grouped matmul for many rows on the target platform: ragged_dot on TPU, the blocked loop elsewhere."""
     return "ragged" if target_platform() == "tpu" else "blocked"
+
+
+def auto_backend(n_rows: int, w_gate_up: jax.Array, w_down: jax.Array) -> str:
+    """What "auto" runs for n_rows rows (a static shape): off TPU, "gather" when there are no more rows than
+    experts and their gathered weights fit GATHER_MAX_BYTES (decode steps: a handful of rows, where the blocked
+    loop's per-expert control flow costs more than the matmuls on CPU), else `default_backend()`."""
+    experts = w_gate_up.shape[0]
+    gathered = n_rows * (w_gate_up[0].size * w_gate_up.dtype.itemsize + w_down[0].size * w_down.dtype.itemsize)
+    if target_platform() != "tpu" and n_rows <= experts and gathered <= GATHER_MAX_BYTES:
+        return "gather"
+    return default_backend()
+
+
+def swiglu_gathered(rows, row_ids, w_gate_up, w_down):
+    """`gather` backend: each row's expert weights gathered, then one batched matmul per projection (no sort, no
+    loop; dtypes as the other backends). rows: [N, H]; row_ids: int [N] in [0, E) -> [N, H]. Reads N experts'
+    weights (duplicates included), so it suits N <= E."""
+    n, (e, hidden, _, inter) = rows.shape[0], w_gate_up.shape
+    h = jnp.einsum("nh,nhi->ni", rows, w_gate_up.reshape(e, hidden, 2 * inter)[row_ids])
+    return jnp.einsum("ni,nih->nh", swiglu(h.reshape(n, 2, inter)), w_down[row_ids])
 
 
 def expert_ffn_rows(rows, row_ids, w_gate_up, w_down, backend: str = "auto"):
@@ -82,7 +107,10 @@ def expert_ffn_rows(rows, row_ids, w_gate_up, w_down, backend: str = "auto"):
     "no expert here" (padding, or an expert on another device): never computed, output 0.
     w_gate_up: [E, H, 2, I]; w_down: [E, I, H]. Returns [N, H] in the rows' dtype."""
     num_experts = w_gate_up.shape[0]
-    backend = default_backend() if backend == "auto" else backend
+    backend = auto_backend(rows.shape[0], w_gate_up, w_down) if backend == "auto" else backend
+    if backend == "gather":
+        y = swiglu_gathered(rows, jnp.minimum(row_ids, num_experts - 1), w_gate_up, w_down)
+        return jnp.where((row_ids < num_experts)[:, None], y, 0)
     order = jnp.argsort(row_ids, stable=True)
     group_sizes = jnp.bincount(row_ids, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     grouped = grouped_swiglu_ragged if backend == "ragged" else grouped_swiglu_blocked
