@@ -38,10 +38,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def reference_losses(m: Qwen35, docs) -> dict:
+def reference_losses(m: Qwen35, docs, steps: int = 1) -> dict:
     """Means over the documents, each run alone (one per row, right-padded; padding after a document changes nothing
     before it): the next-token loss over learned tokens t+1, and the MTP loss over (hidden_i, token i+1) -> token
-    i+2 with token i+2 learned, in numpy from the logits of `model.logits(model.mtp(...))`."""
+    i+2 with token i+2 learned, in numpy from the logits of `model.logits(model.mtp(...))`. With steps S > 1 the MTP
+    is chained S times, step s fed step s-1's output one position back; its position i counts when the chain's
+    start i-(s-1) is in the document."""
     width = max(len(ids) for ids, _ in docs)
     ids = np.zeros((len(docs), width), np.int32)
     for row, (d, _) in enumerate(docs):
@@ -51,37 +53,52 @@ def reference_losses(m: Qwen35, docs) -> dict:
     def logits(ids):
         hidden = m.hidden_states(ids)
         following = m.embed(jnp.pad(ids[:, 1:], ((0, 0), (0, 1))))
-        return m.logits(hidden), m.logits(m.mtp(hidden, following))
-    main, mtp = (log_softmax(np.asarray(x, np.float64)) for x in logits(ids))
+        chained, h = [], hidden
+        for _ in range(steps):
+            out = m.mtp(h, following)
+            chained.append(m.logits(out))
+            h = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
+        return m.logits(hidden), chained
+    main, chained = logits(ids)
+    main = log_softmax(np.asarray(main, np.float64))
     sums = {"loss": [0.0, 0], "mtp_loss": [0.0, 0]}
     for row, (d, learn) in enumerate(docs):
         for i in range(len(d)):
-            for key, logp, ahead in (("loss", main, 1), ("mtp_loss", mtp, 2)):
-                if i + ahead < len(d) and learn[i + ahead]:
-                    sums[key][0] -= logp[row, i, d[i + ahead]]
-                    sums[key][1] += 1
+            if i + 1 < len(d) and learn[i + 1]:
+                sums["loss"][0] -= main[row, i, d[i + 1]]
+                sums["loss"][1] += 1
+            for step, logp in enumerate(chained):
+                if i + 2 < len(d) and learn[i + 2] and i - step >= 0:
+                    sums["mtp_loss"][0] -= log_softmax(np.asarray(logp[row, i], np.float64))[d[i + 2]]
+                    sums["mtp_loss"][1] += 1
     return {key: total / count for key, (total, count) in sums.items()} | {"mtp_tokens": sums["mtp_loss"][1]}
 
 
-def test_mtp_loss_on_a_packed_batch_equals_the_per_document_reference():
+@pytest.mark.parametrize("steps", [1, 3])
+def test_mtp_loss_on_a_packed_batch_equals_the_per_document_reference(steps):
     """Rows of 24 tokens holding 2-3 documents each and padding, prompts not learned, two micro-batches with
     different MTP target counts: the MTP loss is the mean over the step of -log p(token i+2 | hidden_i, token i+1),
-    never across a document (a 2-token document has no MTP target, a 3-token one at most one)."""
+    never across a document (a 2-token document has no MTP target, a 3-token one at most one). With
+    mtp_draft_steps 3, the chained steps' targets join the mean, none of them starting in another document."""
     docs = documents(0, [(9, 3), (6, 0), (11, 5), (4, 1), (2, 0), (7, 2), (3, 0), (10, 4), (5, 5), (8, 0)])
     batch = pack_documents(docs, 24)
     rows = len(batch["input_ids"])
     batch = {k: np.concatenate([v, np.zeros((rows % 2,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
     assert (batch["segment_ids"].max(1) >= 2).sum() >= 2 and (batch["segment_ids"] == 0).any()
     m = model()
-    trainer = Trainer(m, TrainConfig(batch_size=len(batch["input_ids"]), grad_accum=2, mtp_loss_weight=0.7))
+    trainer = Trainer(m, TrainConfig(batch_size=len(batch["input_ids"]), grad_accum=2, mtp_loss_weight=0.7,
+                                     mtp_draft_steps=steps))
     _, metrics = jax.jit(trainer.grads)(trainer.init_state()["params"], trainer.put_batch(batch))
-    expected = reference_losses(m, docs)
+    expected = reference_losses(m, docs, steps)
     assert int(metrics["mtp_tokens"]) == expected["mtp_tokens"]
     for key in ("loss", "mtp_loss"):
         assert abs(float(metrics[key]) - expected[key]) <= 1e-5 * expected[key], key
-    half = len(batch["input_ids"]) // 2  # the normaliser is the step's: the micro-batches' counts differ
-    counts = np.asarray(mtp_targets({k: jnp.asarray(v) for k, v in batch.items()})[1]).reshape(2, half, -1).sum((1, 2))
-    assert counts[0] != counts[1] and counts.sum() == expected["mtp_tokens"]
+    if steps == 1:
+        half = len(batch["input_ids"]) // 2  # the normaliser is the step's: the micro-batches' counts differ
+        counts = np.asarray(mtp_targets({k: jnp.asarray(v) for k, v in batch.items()})[1]).reshape(2, half, -1)
+        assert counts.sum((1, 2))[0] != counts.sum((1, 2))[1] and counts.sum() == expected["mtp_tokens"]
+    else:
+        assert expected["mtp_tokens"] < steps * reference_losses(m, docs, 1)["mtp_tokens"]
 
 
 def test_weight_zero_leaves_the_trunk_gradients_as_without_mtp_and_freezes_the_mtp_block():
@@ -135,6 +152,8 @@ def test_the_mtp_block_of_the_demo_model_trains_alone():
 def test_config_errors():
     with pytest.raises(TrainConfigError, match="mtp_loss_weight.*expected a number >= 0"):
         TrainConfig(mtp_loss_weight=-0.1)
+    with pytest.raises(TrainConfigError, match="'mtp_draft_steps': expected a positive integer, got 0"):
+        TrainConfig(mtp_loss_weight=0.5, mtp_draft_steps=0)
     with pytest.raises(TrainConfigError, match="training the MTP block with LoRA is not supported"):
         TrainConfig(mtp_loss_weight=0.5, lora={"rank": 4, "alpha": 8, "targets": ["q_proj"]})
     with pytest.raises(TrainConfigError, match=r"mtp_loss_weight=0.5: the model has no MTP block .*mtp_num_hidden"):

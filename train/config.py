@@ -71,6 +71,8 @@ class TrainConfig:
     router_z_loss_coef: float = 0.0
     mtp_loss_weight: float = 0.0             # > 0: + this x the MTP block's cross-entropy on token t+2 (model with
                                              # an MTP block); 0: the MTP block, if any, stays frozen
+    mtp_draft_steps: int = 1                 # > 1: also train the MTP fed its own output, as drafts 2.. are made
+                                             # (train.loss.mtp_chain_masks); the loss averages every step's targets
     frozen: list = dataclasses.field(default_factory=list)  # regexes over HF names: model.layers.3.mlp.gate.weight
     lora: dict | None = None                 # {rank, alpha, targets: [regexes over the same names]}: train.lora
     # numerics and memory
@@ -178,7 +180,7 @@ def _check(c: TrainConfig) -> None:
             raise TrainConfigError(f"config key {key!r}: {getattr(c, key)!r} is not one of {list(allowed)}",
                                    key=key)
     positive = ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep_checkpoints", "eval_every",
-                "eval_batches", "log_every")
+                "eval_batches", "log_every", "mtp_draft_steps")
     for key in positive:
         if getattr(c, key) <= 0:
             raise TrainConfigError(f"config key {key!r}: expected a positive integer, got {getattr(c, key)}",

@@ -58,6 +58,20 @@ def mtp_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
     return jnp.pad(batch["targets"][:, 1:], ((0, 0), (0, 1))), counted
 
 
+def mtp_chain_masks(batch: dict, steps: int) -> list[jax.Array]:
+    """The target masks [B, L] of the MTP's chained steps 1..steps (`mtp_draft_steps`). Step 1 is `mtp_targets`'.
+    Step s at position j predicts the same token j+2, but its hidden input is step s-1's output at j-1 (as
+    speculative decoding's draft s runs), so the chain starts from the trunk's hidden state at j-(s-1): it counts
+    where step 1 counts and token j-(s-1) is in j's segment."""
+    first = mtp_targets(batch)[1]
+    masks = [first]
+    for shift in range(1, steps):
+        segments = batch["segment_ids"]
+        same = jnp.pad(segments[:, :-shift] == segments[:, shift:], ((0, 0), (shift, 0)))
+        masks.append(first * same.astype(first.dtype))
+    return masks
+
+
 def load_balancing_loss(stats: dict, num_experts: int) -> jax.Array:
     """Switch-style auxiliary loss as HF's `load_balancing_loss_func`, from router stats summed over all
     MoE layers (`ops.moe.router_stats`): E * sum_e (load_e / N) * (prob_e / N), N = real tokens x layers."""

@@ -14,7 +14,7 @@ from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import logical_spec, variable_sharding
 from qwen35_jax.vision.multimodal import embed_multimodal
 from train.lora import DECODER, LoraSpec, PeriodMerge, adapter_variables, merged_params
-from train.loss import cross_entropy_sum, load_balancing_loss, mtp_targets, router_z_loss
+from train.loss import cross_entropy_sum, load_balancing_loss, mtp_chain_masks, mtp_targets, router_z_loss
 from train.optim import (freeze, frozen_mask, is_variable, learning_rate_schedule, make_optimizer, matrix_mask,
                          plain_values)
 from train.vision_data import VISION_BATCH_KEYS
@@ -299,11 +299,19 @@ class Trainer:
 
     def _mtp_ce_sum(self, model: Qwen35, hidden: jax.Array, batch: dict, positions: jax.Array) -> jax.Array:
         """The MTP block's summed cross-entropy on token i+2 from (hidden_i, token i+1) (`mtp_targets`): hidden
-        [B, L, H] the trunk's final-normed states, positions [B, L] or [3, B, L] (unshifted), the batch's segments."""
-        targets, mask = mtp_targets(batch)
+        [B, L, H] the trunk's final-normed states, positions [B, L] or [3, B, L] (unshifted), the batch's segments.
+        With tc.mtp_draft_steps S > 1, plus steps 2..S: the same targets from the previous step's output at i-1 in
+        place of hidden_i (`mtp_chain_masks`), as drafts 2..K of speculative decoding are made."""
+        targets, segments = mtp_targets(batch)[0], batch["segment_ids"]
         next_embeds = model.embed(jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1))))
-        out = model.mtp(hidden, next_embeds, positions, batch["segment_ids"], moe_backend=self.tc.moe_backend)
-        return cross_entropy_sum(out, model.logits, targets, mask, self.tc.loss_chunk)
+        # a document's first position has no previous output to chain from: zeros, never the previous document's
+        continues = jnp.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (1, 0)))[..., None]
+        total = jnp.zeros((), jnp.float32)
+        for mask in mtp_chain_masks(batch, self.tc.mtp_draft_steps):
+            out = model.mtp(hidden, next_embeds, positions, segments, moe_backend=self.tc.moe_backend)
+            total = total + cross_entropy_sum(out, model.logits, targets, mask, self.tc.loss_chunk)
+            hidden = jnp.where(continues, jnp.pad(out[:, :-1], ((0, 0), (1, 0), (0, 0))), 0).astype(out.dtype)
+        return total
 
     def grads(self, params, batch: dict, base=None) -> tuple[dict, dict]:
         """Gradients of the step objective (mean cross-entropy + router losses + tc.mtp_loss_weight x the MTP
@@ -312,7 +320,9 @@ class Trainer:
         is on, the router losses)."""
         accum = self.tc.grad_accum
         n_counted = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        n_mtp = jnp.maximum(jnp.sum(mtp_targets(batch)[1]), 1.0) if self.tc.mtp_loss_weight > 0 else None
+        n_mtp = None
+        if self.tc.mtp_loss_weight > 0:
+            n_mtp = jnp.maximum(sum(jnp.sum(m) for m in mtp_chain_masks(batch, self.tc.mtp_draft_steps)), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
         grad_fn = jax.grad(self.loss_terms, has_aux=True)
 
