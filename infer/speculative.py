@@ -65,11 +65,12 @@ def request_probs(logits: jax.Array, counts: jax.Array, seen: jax.Array, samplin
     return jax.vmap(one, in_axes=1, out_axes=1)(logits.astype(jnp.float32), counts, seen)
 
 
-def draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
-    """One token per row from probs [B, V] (keys [B] typed PRNG keys); a one-hot row gives its token. A batch of
-    one-hot rows only (all greedy) takes the argmax without drawing random numbers."""
+def draw(probs: jax.Array, keys) -> jax.Array:
+    """One token per row from probs [B, V]; keys: [B] typed PRNG keys, or a function returning them (then derived
+    only when drawing). A one-hot row gives its token; a batch of one-hot rows only (all greedy) takes the argmax
+    without deriving keys or drawing random numbers."""
     def sampled(probs):
-        return jax.vmap(jax.random.categorical)(keys, jnp.log(probs)).astype(jnp.int32)
+        return jax.vmap(jax.random.categorical)(keys() if callable(keys) else keys, jnp.log(probs)).astype(jnp.int32)
     one_hot = jnp.all(jnp.max(probs, axis=-1) == 1.0)
     return jax.lax.cond(one_hot, lambda p: jnp.argmax(p, axis=-1).astype(jnp.int32), sampled, probs)
 
@@ -83,20 +84,23 @@ def row_keys(sampling: dict, step: jax.Array, salt: int) -> jax.Array:
 
 def accept(drafts: jax.Array, draft_probs: jax.Array, target_probs: jax.Array, keys: jax.Array,
            sampled: jax.Array | bool = True) -> tuple[jax.Array, jax.Array]:
-    """Speculative acceptance. drafts int [B, K] drawn from draft_probs [B, K, V]; target_probs [B, K+1, V];
-    sampled: whether any row samples (False: all rows greedy, one-hot p and q, and no random numbers are drawn).
+    """Speculative acceptance. drafts int [B, K] drawn from draft_probs [B, K, V]; target_probs [B, K+1, V]; keys:
+    [B] typed PRNG keys or a function returning them; sampled: whether any row samples (False: all rows greedy,
+    one-hot p and q, and no keys are derived, no random numbers drawn).
 
     Returns (accepted int [B] in 0..K, tokens int [B, K+1]: the accepted drafts, then at index `accepted` the
     target's token: drawn from norm(max(p - q, 0)) after a rejection, from p_K when all K were accepted).
     Greedy rows (one-hot p and q) accept exactly while the draft is the target's argmax."""
     b, k = drafts.shape
-    split = jax.vmap(lambda key: jax.random.split(key, 2))(keys)
+
+    def split(index):
+        return lambda: jax.vmap(lambda key: jax.random.split(key, 2)[index])(keys() if callable(keys) else keys)
     p_draft = jnp.take_along_axis(target_probs[:, :k], drafts[..., None], axis=-1)[..., 0]
     q_draft = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
     # accept with probability min(1, p / q) (q(d) > 0 for a drawn d); with greedy rows only (one-hot p and q)
     # u = 0 decides the same (p(d) > 0) without drawing
-    uniform = lambda keys: jax.vmap(lambda key: jax.random.uniform(key, (k,)))(keys)  # noqa: E731
-    u = jax.lax.cond(jnp.asarray(sampled), uniform, lambda keys: jnp.zeros((b, k)), split[:, 0])
+    uniform = lambda: jax.vmap(lambda key: jax.random.uniform(key, (k,)))(split(0)())  # noqa: E731
+    u = jax.lax.cond(jnp.asarray(sampled), uniform, lambda: jnp.zeros((b, k)))
     ok = u * q_draft < p_draft
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
     padded_q = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)  # q_K = 0: plain p_K
@@ -107,7 +111,7 @@ def accept(drafts: jax.Array, draft_probs: jax.Array, target_probs: jax.Array, k
     # when p <= q everywhere (p == q: every draft is accepted anyway) the residual is empty: fall back to p
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     final = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), target_at)
-    last = draw(final, split[:, 1])
+    last = draw(final, split(1))
     tokens = jnp.concatenate([drafts, jnp.zeros_like(drafts[:, :1])], axis=1)
     index = jnp.arange(k + 1)[None]
     tokens = jnp.where(index == accepted[:, None], last[:, None], jnp.where(index < accepted[:, None], tokens, 0))
@@ -144,7 +148,7 @@ def draft_tokens(model, state: dict, carry: dict, counts, seen, sampling, step, 
         so_far = jnp.stack(drafts, axis=1) if drafts else jnp.zeros((hidden.shape[0], 0), jnp.int32)
         c, s = position_counts(counts, seen, so_far)
         q = request_probs(model.logits(last).astype(jnp.float32), c[:, -1:], s[:, -1:], sampling)[:, 0]
-        drafts.append(draw(q, row_keys(sampling, step, 1 + j)))
+        drafts.append(draw(q, lambda j=j: row_keys(sampling, step, 1 + j)))
         probs.append(q)
     state = {**state, "mtp": {**state["mtp"], "lengths": caught_up}}
     return jnp.stack(drafts, axis=1), jnp.stack(probs, axis=1), state
@@ -164,7 +168,7 @@ def speculative_step(model, state: dict, pending, carry: dict, counts, seen, sam
                                              keep_steps=True)
     c, s = position_counts(counts, seen, drafts)
     target = request_probs(model.logits(hidden).astype(jnp.float32), c, s, sampling)
-    accepted, tokens = accept(drafts, draft_probs, target, row_keys(sampling, step, 0),
+    accepted, tokens = accept(drafts, draft_probs, target, lambda: row_keys(sampling, step, 0),
                               jnp.any(sampling["temperature"] > 0))
     emitted = emitted_count(accepted, tokens, jnp.maximum(limit, 1), stop_ids) * active
     state = state_after_tokens(steps, state["lengths"], emitted)
