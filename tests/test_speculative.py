@@ -173,3 +173,28 @@ def test_sampled_speculative_decoding_is_seeded_and_stays_in_the_filters():
         logits = np.asarray(model(jnp.asarray(ids)))[0, len(prompt) - 1:-1]
         top3 = np.argsort(-logits, axis=-1)[:, :3]
         assert all(t in row for t, row in zip(result.token_ids, top3))
+
+
+def test_speculative_decoding_on_a_mesh_equals_single_device_plain(monkeypatch):
+    """Experts over expert=4, heads over tensor=2, 4 rows (one per expert shard): speculative greedy decoding with
+    oracle drafts (K=3, acceptance lengths 0..3) gives the single-device plain greedy tokens, and the decode state
+    keeps the engine's placement (rows over expert, KV heads over tensor)."""
+    from qwen35_jax.sharding import make_mesh
+    model = mtp_model(seed=7)
+    batch = prompts(model.config.vocab_size, seed=8)[:4]
+    params = SamplingParams.greedy(max_new_tokens=24, ignore_eos=True)
+    expected = [r.token_ids for r in Engine(model, max_len=128, prefill_chunk=32).generate(batch, params)]
+    table = np.zeros((4, 160), np.int32)
+    for i, (p, t) in enumerate(zip(batch, expected)):
+        table[i, :len(p) + len(t)] = p + t
+    monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(jnp.asarray(table), model.config.vocab_size, 3,
+                                                                  corrupt_every=3))
+    engine = Engine(model, max_len=128, prefill_chunk=32, mesh=make_mesh("expert=4,tensor=2"),
+                    num_speculative_tokens=3)
+    results = engine.generate(batch, params)
+    assert [r.token_ids for r in results] == expected
+    assert np.mean([r.mean_acceptance_length for r in results]) > 1.5
+    k = engine.last_state["layers"][3]["k"]  # [batch, max_len, kv_heads, head_dim]
+    assert k.sharding.shard_shape(k.shape)[0] == 1
+    assert k.sharding.shard_shape(k.shape)[2] == model.config.num_key_value_heads // 2
+    assert engine.last_state["mtp"]["k"].sharding.shard_shape(engine.last_state["mtp"]["k"].shape)[0] == 1
