@@ -81,6 +81,14 @@ def plain_run():
     return model, batch, [r.token_ids for r in results], jax.device_get(engine.last_state)
 
 
+def continuation_table(batch, expected, width) -> jax.Array:
+    """int [B, width]: each row's prompt then its plain greedy tokens (what `oracle_drafts` reads), zero-padded."""
+    table = np.zeros((len(batch), width), np.int32)
+    for i, (p, t) in enumerate(zip(batch, expected)):
+        table[i, :len(p) + len(t)] = p + t
+    return jnp.asarray(table)
+
+
 def oracle_drafts(table, vocab, k, corrupt_every):
     """A draft_tokens stand-in: the plain greedy continuation (table [B, N]: prompt + generated tokens), every
     position whose hash hits `corrupt_every` changed, so acceptance lengths vary over 0..K; the real MTP still
@@ -125,11 +133,9 @@ def test_speculative_greedy_equals_plain_greedy_tokens_and_state(plain_run, monk
     length 0..K taken)."""
     model, batch, expected, plain_state = plain_run
     if drafter == "oracle":
-        table = np.zeros((len(batch), MAX_LEN + 8), np.int32)
-        for i, (p, t) in enumerate(zip(batch, expected)):
-            table[i, :len(p) + len(t)] = p + t
-        monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(jnp.asarray(table), model.config.vocab_size,
-                                                                      k, corrupt_every=3))
+        table = continuation_table(batch, expected, MAX_LEN + 8)
+        monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(table, model.config.vocab_size, k,
+                                                                      corrupt_every=3))
     engine = Engine(model, max_len=MAX_LEN, prefill_chunk=32, num_speculative_tokens=k)
     results = engine.generate(batch, SamplingParams.greedy(max_new_tokens=NEW, ignore_eos=True))
     assert [r.token_ids for r in results] == expected
@@ -149,10 +155,8 @@ def test_speculative_greedy_with_penalties_equals_plain(monkeypatch):
     params = SamplingParams.greedy(max_new_tokens=40, ignore_eos=True, repetition_penalty=1.3,
                                    presence_penalty=0.5, frequency_penalty=0.3)
     expected = [r.token_ids for r in Engine(model, max_len=128, prefill_chunk=32).generate(batch, params)]
-    table = np.zeros((2, 160), np.int32)
-    for i, (p, t) in enumerate(zip(batch, expected)):
-        table[i, :len(p) + len(t)] = p + t
-    monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(jnp.asarray(table), model.config.vocab_size, 3,
+    table = continuation_table(batch, expected, 160)
+    monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(table, model.config.vocab_size, 3,
                                                                   corrupt_every=4))
     results = Engine(model, max_len=128, prefill_chunk=32, num_speculative_tokens=3).generate(batch, params)
     assert [r.token_ids for r in results] == expected
@@ -184,10 +188,8 @@ def test_speculative_decoding_on_a_mesh_equals_single_device_plain(monkeypatch):
     batch = prompts(model.config.vocab_size, seed=8)[:4]
     params = SamplingParams.greedy(max_new_tokens=24, ignore_eos=True)
     expected = [r.token_ids for r in Engine(model, max_len=128, prefill_chunk=32).generate(batch, params)]
-    table = np.zeros((4, 160), np.int32)
-    for i, (p, t) in enumerate(zip(batch, expected)):
-        table[i, :len(p) + len(t)] = p + t
-    monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(jnp.asarray(table), model.config.vocab_size, 3,
+    table = continuation_table(batch, expected, 160)
+    monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(table, model.config.vocab_size, 3,
                                                                   corrupt_every=3))
     engine = Engine(model, max_len=128, prefill_chunk=32, mesh=make_mesh("expert=4,tensor=2"),
                     num_speculative_tokens=3)
