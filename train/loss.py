@@ -63,10 +63,9 @@ def mtp_chain_masks(batch: dict, steps: int) -> list[jax.Array]:
     Step s at position j predicts the same token j+2, but its hidden input is step s-1's output at j-1 (as
     speculative decoding's draft s runs), so the chain starts from the trunk's hidden state at j-(s-1): it counts
     where step 1 counts and token j-(s-1) is in j's segment."""
-    first = mtp_targets(batch)[1]
+    first, segments = mtp_targets(batch)[1], batch["segment_ids"]
     masks = [first]
     for shift in range(1, steps):
-        segments = batch["segment_ids"]
         same = jnp.pad(segments[:, :-shift] == segments[:, shift:], ((0, 0), (shift, 0)))
         masks.append(first * same.astype(first.dtype))
     return masks

@@ -1,7 +1,8 @@
 """Dropless MoE: route, sort assignments by expert, grouped SwiGLU matmuls, unsort, combine.
 
 The grouped matmul has three backends with identical results: `jax.lax.ragged_dot` (TPU), a block-padded loop
-(CPU and GPU) and, for a few rows (decode), a gather of each row's expert weights (`auto_backend`). XLA:CPU runs `ragged_dot` ~50x below matmul speed (see `grouped_cpu.py`); XLA:GPU (jax 0.11.2,
+(CPU and GPU) and, for a few rows (decode), a gather of each row's expert weights (`auto_backend`). XLA:CPU runs
+`ragged_dot` ~50x below matmul speed (see `grouped_cpu.py`); XLA:GPU (jax 0.11.2,
 H200) expands it into dense per-expert work: the 35B-A3B LoRA step compiled for one H200 counted 6.8e16 FLOPs and
 1,656 GiB of temporaries with `ragged_dot`, 6.2e14 (the analytic 6.3e14) and 95 GiB with the blocked loop.
 """
