@@ -1,5 +1,6 @@
-"""MTP training (`mtp_loss_weight`): the loss on a packed batch against a per-document reference, the trunk untouched
-by a weight of 0 (and the MTP block frozen then), the MTP block of the demo model trained alone, config errors."""
+"""MTP training (`mtp_loss_weight`): the loss on a packed batch against a per-document reference, the MTP router in the
+MoE losses, the trunk untouched by a weight of 0 (and the MTP block frozen then), the MTP block of the demo model
+trained alone, config errors."""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +9,11 @@ import pytest
 from flax import nnx
 
 from qwen35_jax.config import ModelConfig
+from qwen35_jax.nn.decoder import sequence_context
 from qwen35_jax.nn.model import Qwen35
 from train.config import RECIPE_DIR, TrainConfig, TrainConfigError
 from train.data import pack_documents
-from train.loss import mtp_targets
+from train.loss import load_balancing_loss, mtp_targets, router_z_loss
 from train.step import Trainer
 
 SMALL = {"num_hidden_layers": 4, "layer_types": ["linear_attention"] * 3 + ["full_attention"]}
@@ -99,6 +101,35 @@ def test_mtp_loss_on_a_packed_batch_equals_the_per_document_reference(steps):
         assert counts.sum((1, 2))[0] != counts.sum((1, 2))[1] and counts.sum() == expected["mtp_tokens"]
     else:
         assert expected["mtp_tokens"] < steps * reference_losses(m, docs, 1)["mtp_tokens"]
+
+
+def test_the_mtp_router_joins_the_moe_losses():
+    """tiny-moe, whose MTP layer has the MoE: with the MTP term on, the step's load-balancing and z losses are those
+    of the trunk's MoE layers and the MTP layer together, the MTP router counted at the positions the MTP loss
+    trains. Reference: each document alone in a row, right-padded, the MTP layer run on its input with a mask built
+    here. With the MTP term off, they are the trunk's alone."""
+    docs = documents(2, [(9, 3), (6, 0), (11, 5), (4, 1), (7, 2), (3, 0)])
+    batch = pack_documents(docs, 24)
+    m = model(preset="tiny-moe")
+    width = max(len(d) for d, _ in docs)
+    ids, segments, trained = (np.zeros((len(docs), width), dtype) for dtype in (np.int32, np.int32, np.float32))
+    for row, (d, learn) in enumerate(docs):
+        ids[row, :len(d)], segments[row, :len(d)] = d, 1
+        trained[row, :max(len(d) - 2, 0)] = learn[2:]  # position i trains on token i+2
+    hidden, trunk = m.train_hidden_states(jnp.asarray(ids), segment_ids=jnp.asarray(segments), router_stats=True)
+    following = m.embed(jnp.pad(jnp.asarray(ids)[:, 1:], ((0, 0), (0, 1))))
+    x = jnp.concatenate([m.mtp.pre_fc_norm_embedding(following), m.mtp.pre_fc_norm_hidden(hidden)], -1) @ m.mtp.fc[...]
+    ctx = sequence_context(m.config, ids.shape, segment_ids=jnp.asarray(segments), token_mask=jnp.asarray(trained))
+    mtp = m.mtp.layer(x, ctx)[2]
+    both = jax.tree.map(jnp.add, trunk, mtp)
+    e = m.config.num_experts
+    for weight, stats in ((0.5, both), (0.0, trunk)):
+        trainer = Trainer(m, TrainConfig(batch_size=len(batch["input_ids"]), mtp_loss_weight=weight))
+        _, metrics = jax.jit(trainer.grads)(trainer.init_state()["params"], trainer.put_batch(batch))
+        np.testing.assert_allclose(float(metrics["aux_loss"]), float(load_balancing_loss(stats, e)), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["z_loss"]), float(router_z_loss(stats)), rtol=1e-5)
+    assert float(mtp["tokens"]) == trained.sum() > 0 and float(load_balancing_loss(trunk, e)) != float(
+        load_balancing_loss(both, e))
 
 
 def test_weight_zero_leaves_the_trunk_gradients_as_without_mtp_and_freezes_the_mtp_block():

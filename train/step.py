@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from qwen35_jax.loading import resolve_dtype
+from qwen35_jax.nn.decoder import add_stats
 from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.sharding import logical_spec, variable_sharding
 from qwen35_jax.vision.multimodal import embed_multimodal
@@ -288,8 +289,9 @@ class Trainer:
         metrics = {"ce_sum": ce}
         objective = ce / n_counted
         if n_mtp is not None:
-            metrics["mtp_ce_sum"] = self._mtp_ce_sum(model, hidden, batch, positions)
+            metrics["mtp_ce_sum"], mtp_stats = self._mtp_ce_sum(model, hidden, batch, positions, stats is not None)
             objective = objective + self.tc.mtp_loss_weight * metrics["mtp_ce_sum"] / n_mtp
+            stats = add_stats(stats, mtp_stats)  # the MTP's MoE layer is balanced with the trunk's (one more layer)
         if stats is not None:
             metrics["aux_loss"] = load_balancing_loss(stats, self.config.num_experts)
             metrics["z_loss"] = router_z_loss(stats)
@@ -297,21 +299,26 @@ class Trainer:
                                      metrics["z_loss"]) / self.tc.grad_accum
         return objective, metrics
 
-    def _mtp_ce_sum(self, model: Qwen35, hidden: jax.Array, batch: dict, positions: jax.Array) -> jax.Array:
+    def _mtp_ce_sum(self, model: Qwen35, hidden: jax.Array, batch: dict, positions: jax.Array,
+                    router_stats: bool = False) -> tuple[jax.Array, dict | None]:
         """The MTP block's summed cross-entropy on token i+2 from (hidden_i, token i+1) (`mtp_targets`): hidden
         [B, L, H] the trunk's final-normed states, positions [B, L] or [3, B, L] (unshifted), the batch's segments.
         With tc.mtp_draft_steps S > 1, plus steps 2..S: the same targets from the previous step's output at i-1 in
-        place of hidden_i (`mtp_chain_masks`), as drafts 2..K of speculative decoding are made."""
+        place of hidden_i (`mtp_chain_masks`), as drafts 2..K of speculative decoding are made.
+        Returns (that sum, with router_stats the MTP layer's router stats summed over the steps, each over the
+        positions it trains; else None)."""
         targets, segments = mtp_targets(batch)[0], batch["segment_ids"]
         next_embeds = model.embed(jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1))))
         # a document's first position has no previous output to chain from: zeros, never the previous document's
         continues = jnp.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (1, 0)))[..., None]
-        total = jnp.zeros((), jnp.float32)
+        total, stats = jnp.zeros((), jnp.float32), None
         for mask in mtp_chain_masks(batch, self.tc.mtp_draft_steps):
-            out = model.mtp(hidden, next_embeds, positions, segments, moe_backend=self.tc.moe_backend)
+            out, step_stats = model.mtp.train_forward(hidden, next_embeds, positions, segments,
+                                                      mask if router_stats else None, self.tc.moe_backend)
             total = total + cross_entropy_sum(out, model.logits, targets, mask, self.tc.loss_chunk)
+            stats = add_stats(stats, step_stats)
             hidden = jnp.where(continues, jnp.pad(out[:, :-1], ((0, 0), (1, 0), (0, 0))), 0).astype(out.dtype)
-        return total
+        return total, stats
 
     def grads(self, params, batch: dict, base=None) -> tuple[dict, dict]:
         """Gradients of the step objective (mean cross-entropy + router losses + tc.mtp_loss_weight x the MTP

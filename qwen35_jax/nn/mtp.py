@@ -49,10 +49,11 @@ class MTP(nnx.Module):
 
     @jax.named_scope("mtp")
     def _forward(self, hidden: jax.Array, next_embeds: jax.Array, ctx: Context, cache: dict | None = None):
-        """hidden, next_embeds: [B, T, H] -> (MTP hidden [B, T, H], the layer's new {"k", "v"} or None)."""
+        """hidden, next_embeds: [B, T, H] -> (MTP hidden [B, T, H], the layer's new {"k", "v"} or None, its router
+        stats or None: present for an MoE layer when ctx.token_mask is set)."""
         x = jnp.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], axis=-1)
-        x, cache, _ = self.layer(x @ self.fc[...], ctx, cache)
-        return self.norm(x), cache
+        x, cache, stats = self.layer(x @ self.fc[...], ctx, cache)
+        return self.norm(x), cache, stats
 
     @under_precision_policy
     def __call__(self, hidden: jax.Array, next_embeds: jax.Array, positions: jax.Array | None = None,
@@ -65,8 +66,18 @@ class MTP(nnx.Module):
         default 0..T-1); segment_ids: int [B, T] packed documents (attention stays within a segment).
         Returns the MTP hidden states [B, T, H]: `model.logits(...)[:, t]` predicts token t+2.
         """
-        ctx = sequence_context(self.config, hidden.shape[:2], positions, segment_ids, moe_backend=moe_backend)
-        return self._forward(hidden, next_embeds, ctx)[0]
+        return self.train_forward(hidden, next_embeds, positions, segment_ids, moe_backend=moe_backend)[0]
+
+    @under_precision_policy
+    def train_forward(self, hidden: jax.Array, next_embeds: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None,
+                      moe_backend: str = "auto") -> tuple[jax.Array, dict | None]:
+        """`__call__` with the router stats of an MoE layer (`ops.moe.router_stats`) over the positions token_mask
+        [B, T] marks (those whose MTP output is trained): (MTP hidden [B, T, H], stats; None for a dense MLP or
+        without token_mask)."""
+        ctx = sequence_context(self.config, hidden.shape[:2], positions, segment_ids, token_mask, moe_backend)
+        out, _, stats = self._forward(hidden, next_embeds, ctx)
+        return out, stats
 
     @under_precision_policy
     def forward_with_state(self, hidden: jax.Array, next_embeds: jax.Array, state: dict,
@@ -83,5 +94,5 @@ class MTP(nnx.Module):
         cache = state["mtp"]
         ctx = state_context(self.config, hidden.shape[:2], cache["lengths"], cache["k"].shape[1], n_valid,
                             state["rope_deltas"], positions, moe_backend)
-        out, kv = self._forward(hidden, next_embeds, ctx, cache)
+        out, kv, _ = self._forward(hidden, next_embeds, ctx, cache)
         return out, {**state, "mtp": {**kv, "lengths": ctx.starts + ctx.n_valid}}
