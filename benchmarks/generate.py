@@ -118,8 +118,9 @@ def decode_run(engine: Engine, prompts, params: SamplingParams, batch: int) -> t
 
 def speculative_rows(args) -> list[list]:
     """Table rows [batch, K, plain tok/s, speculative tok/s, ratio, mean acceptance length, same tokens]: greedy,
-    median over --repeats runs after a compile run. With --prompts-file the prompts run to their EOS (at most
-    --new-tokens), --prompt-count of them; else --new-tokens random-prompt tokens each (EOS ignored)."""
+    median over --repeats runs of each, alternated, after a compile run. With --prompts-file the prompts run to
+    their EOS (at most --new-tokens), --prompt-count of them; else --new-tokens random-prompt tokens each (EOS
+    ignored)."""
     rows = []
     plain = Engine.load(args.model, max_len=args.max_len)
     spec = Engine.load(args.model, max_len=args.max_len, num_speculative_tokens=args.speculative)
@@ -131,11 +132,15 @@ def speculative_rows(args) -> list[list]:
             prompts = np.random.default_rng(batch).integers(0, plain.config.vocab_size,
                                                             (batch, args.prompt_len)).tolist()
             params = SamplingParams.greedy(max_new_tokens=args.new_tokens, ignore_eos=True)
-        runs = {}
-        for name, engine in (("plain", plain), ("spec", spec)):
+        engines = {"plain": plain, "spec": spec}
+        for engine in engines.values():
             decode_run(engine, prompts[:batch], params, batch)  # compiles
-            results = [decode_run(engine, prompts, params, batch) for _ in range(args.repeats)]
-            runs[name] = (statistics.median(r[0] for r in results), results[0][1], results[0][2])
+        # alternated (plain, speculative, plain, ...) so that both see the same drift in the machine's load
+        results = {name: [] for name in engines}
+        for _ in range(args.repeats):
+            for name, engine in engines.items():
+                results[name].append(decode_run(engine, prompts, params, batch))
+        runs = {name: (statistics.median(r[0] for r in rs), rs[0][1], rs[0][2]) for name, rs in results.items()}
         (plain_rate, expected, _), (spec_rate, got, acceptance) = runs["plain"], runs["spec"]
         rows.append([batch, args.speculative, len(prompts), f"{plain_rate:.1f}", f"{spec_rate:.1f}",
                      f"{spec_rate / plain_rate:.2f}x", f"{acceptance:.2f}", "yes" if expected == got else "NO"])

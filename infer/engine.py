@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from infer.sampling import SamplingParams, batch_arrays, sample
-from infer.speculative import check_speculative, speculative_step
+from infer.speculative import check_speculative, last_emitted, speculative_step
 from qwen35_jax.cache import abstract_decode_state, decode_state_shardings, init_decode_state
 from qwen35_jax.checkpoint.orbax_io import ASSETS
 from qwen35_jax.loading import load_model, load_vision_tower
@@ -78,7 +78,10 @@ class Engine:
         self.image_processor, self.video_processor = ImageProcessorConfig(), VideoProcessorConfig()
         self.config = model.config
         self.max_len, self.prefill_chunk = max_len, prefill_chunk
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # the jitted steps take the weights as a plain nested dict: flattening it per call costs ~20 us on the
+        # host, an nnx.State ~120 us (a tenth of a small model's decode step); nnx.merge takes either
+        self.params = nnx.to_pure_dict(state)
         self.decode_traces = self.prefill_traces = 0  # how many times each step was traced (compiled)
         self.mesh, self.moe_backend = mesh, moe_backend  # moe_backend: ops.moe.MOE_BACKENDS
         self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(1,))
@@ -87,6 +90,7 @@ class Engine:
         self._first_sample_jit = jax.jit(self._sample_and_count)
         self._first_sample = self._in_mesh(self._first_sample_jit)
         self._speculate = self._in_mesh(jax.jit(self._speculative_fn, donate_argnums=(1, 3, 4, 5)))
+        self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
         self.last_state = None
 
     @classmethod
@@ -204,9 +208,10 @@ class Engine:
         """tokens [B, C] right-padded per row (n_valid [B]) -> (logits at each row's last valid token, state, and
         with mtp_next its final-normed hidden state [B, H]).
 
-        mtp_next (speculative decoding): (the tokens that follow each position [B, C], how many of them are
-        known [B]): the MTP block's cache advances over those positions (the prompt's last waits for the first
-        sampled token).
+        mtp_next (speculative decoding, `mtp_next_inputs`): (the tokens that follow each position [B, C], how many
+        of them are known [B]) and, with vision, (their vision rows [B, C, H], mask [B, C]): the MTP block's cache
+        advances over those positions (the prompt's last waits for the first sampled token), at the main model's
+        positions (mRoPE with vision), a following image or video token entering as its vision feature.
 
         vision (multimodal prompts, `_VisionRows.chunk`): (positions int [3, B, C] mRoPE, vision rows [B, C, H]
         and their mask bool [B, C] (the token's vision feature in place of its embedding), rope_deltas int [B]
@@ -223,19 +228,21 @@ class Engine:
         last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
         if mtp_next is None:
             return model.logits(last).astype(jnp.float32), self._placed(state)
-        next_tokens, known = mtp_next
+        next_tokens, known, *next_vision = mtp_next
+        next_embeds = embed_multimodal(model, next_tokens, *next_vision) if next_vision else model.embed(next_tokens)
         start = {**state["mtp"], "lengths": state["lengths"] - n_valid}  # aligned with the chunk (a continued
-        _, state = model.mtp.forward_with_state(hidden, model.embed(next_tokens), {**state, "mtp": start}, known,
-                                                moe_backend=self.moe_backend)  # state's last step is skipped)
+        _, state = model.mtp.forward_with_state(hidden, next_embeds, {**state, "mtp": start}, known,
+                                                positions=positions, moe_backend=self.moe_backend)
         return model.logits(last).astype(jnp.float32), self._placed(state), last
 
     def _speculative_fn(self, params, state, pending, carry, counts, seen, sampling, step, limit, stop_ids):
-        """One speculative step (`infer.speculative.speculative_step`; state, carry, counts, seen donated)."""
+        """One speculative step (`infer.speculative.speculative_step`; state, carry, counts, seen donated), its
+        outputs and the new pending token per row [B] (the last emitted one; as it was for a finished row)."""
         self.decode_traces += 1
         model = nnx.merge(self.graphdef, params)
         out = speculative_step(model, state, pending, carry, counts, seen, sampling, step, limit, stop_ids,
                                self.num_speculative_tokens, self.moe_backend)
-        return out[:3] + (self._placed(out[3]),) + out[4:]
+        return out[:3] + (self._placed(out[3]),) + out[4:] + (last_emitted(out[0], out[1], pending),)
 
     def _decode_fn(self, params, state, tokens, counts, seen, n_valid, sampling, step):
         """One token per row: forward, then sample. tokens [B]; counts, seen [B, V] (donated)."""
@@ -335,8 +342,8 @@ class Engine:
                 break
             active = np.array([row.finish is None for row in rows], np.int32)
             lengths += active
-            token, counts, seen, state = self._decode(self.params, state, token, counts, seen,
-                                                      jnp.asarray(active), sampling, step)
+            token, counts, seen, state = self._decode(self.params, state, token, counts, seen, active, sampling,
+                                                      np.int32(step))  # numpy in: no per-step jnp dispatch
             self.last_state = state
 
     def _speculative_loop(self, params, state, token, last_hidden, counts, seen, sampling):
@@ -350,25 +357,38 @@ class Engine:
         carry = {"hidden": hidden, "tokens": jnp.zeros((batch, k + 1), jnp.int32).at[:, 0].set(token),
                  "n": jnp.ones((batch,), jnp.int32)}
         fed, steps = np.zeros(batch, np.int64), np.zeros(batch, np.int64)
-        tokens, emitted = np.asarray(token)[:, None], np.ones(batch, np.int64)
+        tokens, emitted, pending = np.asarray(token)[:, None], np.ones(batch, np.int64), token
         before = lengths - 1  # emitted token m is accepted with before + m + 1 tokens in the state
+        # a stop string (host side) may end a row inside a step: with stop strings each step's inputs are kept, so
+        # that the step can be redone with that row's limit cut to the tokens it took (the same step, the same
+        # tokens: its state then holds what plain decoding's would)
+        kept = None
         for step in range(1, max(p.max_new_tokens for p in params) + 1):
+            taken = emitted.copy()
             for i, row in enumerate(rows):
                 for m in range(int(emitted[i]) if row.finish is None else 0):
                     text = row.accept(int(tokens[i, m]), self._eos(row.params), before[i] + m + 1 >= self.max_len)
                     mean = fed[i] / steps[i] if row.finish is not None and steps[i] else None
                     yield StreamEvent(i, text, int(tokens[i, m]), row.finish, mean)
                     if row.finish is not None:
+                        taken[i] = m + 1
                         break
+            if kept is not None and np.any(taken < emitted):
+                inputs, limit = kept
+                out = self._speculate(self.params, *inputs, sampling, np.int32(step - 1), np.minimum(limit, taken),
+                                      stop_ids)
+                _, _, _, state, carry, counts, seen, pending = out
+                self.last_state = state
             if all(row.finish is not None for row in rows):
                 break
             limit = np.array([0 if row.finish is not None else
                               min(row.params.max_new_tokens - len(row.tokens), self.max_len - lengths[i])
                               for i, row in enumerate(rows)], np.int32)
-            pending = jnp.asarray(np.array([row.tokens[-1] for row in rows], np.int32))
-            out = self._speculate(self.params, state, pending, carry, counts, seen, sampling, jnp.int32(step),
-                                  jnp.asarray(limit), stop_ids)
-            tokens, emitted, _, state, carry, counts, seen = out
+            if any(p.stop for p in params):
+                kept = self._copy((state, pending, carry, counts, seen)), limit
+            out = self._speculate(self.params, state, pending, carry, counts, seen, sampling, np.int32(step), limit,
+                                  stop_ids)  # numpy in: no per-step jnp dispatch
+            tokens, emitted, _, state, carry, counts, seen, pending = out
             self.last_state = state
             tokens, emitted = np.asarray(tokens), np.asarray(emitted)
             before = lengths.copy()
@@ -388,18 +408,13 @@ class Engine:
         for offset, chunk in prefill_chunks(0, longest, self.prefill_chunk):
             tokens = np.zeros((batch, chunk), np.int32)
             n_valid = np.zeros(batch, np.int32)
-            following = np.zeros((batch, chunk), np.int32)  # the token after each position (speculative)
             for i, ids in enumerate(prompt_ids):
                 piece = ids[offset:offset + chunk]
                 tokens[i, :len(piece)] = piece
                 n_valid[i] = len(piece)
-                after = ids[offset + 1:offset + chunk + 1]
-                following[i, :len(after)] = after
-            known = np.minimum(n_valid, np.maximum(np.array([len(p) for p in prompt_ids]) - offset - 1, 0))
             extra = () if vision is None else (vision.chunk(offset, chunk),)
             if self.num_speculative_tokens:
-                extra = extra or (None,)
-                extra += ((jnp.asarray(following), jnp.asarray(known.astype(np.int32))),)
+                extra = (extra or (None,)) + (mtp_next_inputs(prompt_ids, offset, chunk, vision),)
             out = self._prefill(self.params, state, jnp.asarray(tokens), jnp.asarray(n_valid), *extra)
             ends_here = jnp.asarray((n_valid > 0) & (offset + n_valid == np.array([len(p) for p in prompt_ids])))
             logits = out[0] if logits is None else jnp.where(ends_here[:, None], out[0], logits)
@@ -442,6 +457,21 @@ class Engine:
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
         return prompt if isinstance(prompt, VisionPrompt) else ids
+
+
+def mtp_next_inputs(prompt_ids: list[list[int]], offset: int, width: int, vision: _VisionRows | None) -> tuple:
+    """The MTP inputs of a speculative prefill chunk of `width` at `offset` (`Engine._prefill_fn`'s mtp_next):
+    (the token after each position [B, width], how many of them are known [B]: the prompt's last position waits
+    for the first sampled token), and with vision (the vision rows [B, width, H] and mask [B, width] of those
+    following tokens), device arrays."""
+    following = np.zeros((len(prompt_ids), width), np.int32)
+    for i, ids in enumerate(prompt_ids):
+        after = ids[offset + 1:offset + width + 1]
+        following[i, :len(after)] = after
+    lengths = np.array([len(ids) for ids in prompt_ids])
+    known = np.clip(lengths - offset - 1, 0, width).astype(np.int32)
+    out = (jax.device_put(following), jax.device_put(known))
+    return out if vision is None else out + vision.chunk(offset + 1, width)[1:3]
 
 
 def _stop_table(stops: list[tuple[int, ...]]) -> np.ndarray:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infer.engine import Engine, _bucket, _Row, _token_ids, prefill_chunks
+from infer.engine import Engine, _bucket, _Row, _token_ids, mtp_next_inputs, prefill_chunks
 from infer.prefix_cache import PrefixCache
 from infer.sampling import SamplingParams, batch_arrays
 from infer.slot_steps import MAX_STOP_IDS, MAX_TOP_LOGPROBS, make_steps
@@ -306,11 +306,7 @@ class EngineCore:
         # jax.device_put, not jnp.asarray: the latter compiles a staging op per new shape
         extra = () if request.vision is None else (request.vision.chunk(offset, width),)
         if self.engine.num_speculative_tokens:
-            following = np.zeros((1, width), np.int32)
-            after = ids[offset + 1:offset + width + 1]
-            following[0, :len(after)] = after
-            known = np.array([min(len(piece), max(len(ids) - offset - 1, 0))], np.int32)
-            extra = (extra or (None,)) + ((jax.device_put(following), jax.device_put(known)),)
+            extra = (extra or (None,)) + (mtp_next_inputs([ids], offset, width, request.vision),)
         out = self.engine._prefill(self.engine.params, request.state, jax.device_put(tokens),
                                    jax.device_put(np.array([len(piece)], np.int32)), *extra)
         request.logits, request.state = out[:2]

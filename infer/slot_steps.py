@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infer.sampling import sample
-from infer.speculative import speculative_step
+from infer.speculative import last_emitted, speculative_step
 from qwen35_jax.nn.model import state_max_len
 
 MAX_STOP_IDS = 8    # stop ids checked on device per slot (more are checked on the host only)
@@ -132,10 +132,9 @@ def make_steps(engine, num_steps: int):
             model, state, slots["token"], carry, slots["counts"], slots["seen"], sampling, slots["step"], limit,
             slots["stop_ids"], k, engine.moe_backend)
         state = engine._placed(state)
-        last = jnp.take_along_axis(tokens, jnp.maximum(emitted - 1, 0)[:, None], axis=1)[:, 0]
-        token = jnp.where(emitted > 0, last, slots["token"])
+        token = last_emitted(tokens, emitted, slots["token"])
         remaining = slots["remaining"] - emitted
-        stopped = jnp.any(last[:, None] == slots["stop_ids"], axis=-1) | (remaining <= 0) \
+        stopped = jnp.any(token[:, None] == slots["stop_ids"], axis=-1) | (remaining <= 0) \
             | (state["lengths"] >= engine.max_len)
 
         def target_log_probs():  # carry["hidden"]: the verify forward's final-normed hidden states

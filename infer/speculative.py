@@ -128,6 +128,13 @@ def emitted_count(accepted: jax.Array, tokens: jax.Array, limit: jax.Array, stop
     return jnp.minimum(n, first_stop).astype(jnp.int32)
 
 
+def last_emitted(tokens: jax.Array, emitted: jax.Array, pending: jax.Array) -> jax.Array:
+    """Each row's new pending token [B]: the last of the `emitted` [B] of tokens [B, K+1], or `pending` [B] as it
+    was where a row emitted none (a finished or idle row)."""
+    last = jnp.take_along_axis(tokens, jnp.maximum(emitted - 1, 0)[:, None], axis=1)[:, 0]
+    return jnp.where(emitted > 0, last, pending)
+
+
 def draft_tokens(model, state: dict, carry: dict, counts, seen, sampling, step, k: int, moe_backend: str):
     """The MTP catch-up and K drafts. carry: {"hidden" [B, T, H] final-normed main hidden states, "tokens"
     [B, T] the tokens that followed them, "n" [B] how many are real (0 for a finished row)}.

@@ -176,3 +176,40 @@ def test_stop_string_spanning_tokens_is_never_streamed(bpe_folder, stop):
         assert row.finish == "stop" and shown == text[:cut]
     else:
         assert row.finish is None and text.startswith(shown) and len(shown) >= len(text) - len(stop)
+
+
+def test_speculative_stop_string_inside_a_step_leaves_the_plain_decoding_state(checkpoint, tmp_path, monkeypatch):
+    """K=3 with oracle drafts (every draft accepted: each step emits 4 tokens) and a stop string completed by a
+    token inside a step: the text and tokens are plain decoding's, and `last_state` is plain decoding's too (the
+    tokens up to the one that completed the stop string, not the step's tokens after it)."""
+    import shutil
+
+    import jax
+    from test_speculative import assert_same_state, continuation_table, oracle_drafts
+
+    import infer.speculative as speculative
+    from qwen35_jax.hf_reference import add_mtp_tensors
+    folder = shutil.copytree(checkpoint, tmp_path / "mtp")
+    add_mtp_tensors(folder)
+    plain = Engine.load(folder, max_len=128)
+    prompt = "The quick brown"
+    free = plain.generate([prompt], SamplingParams.greedy(max_new_tokens=24, ignore_eos=True))[0]
+    decode = plain.tokenizer.decode
+
+    def completed_at(stop):  # the index of the token whose text completes the first occurrence of stop
+        return next(j for j in range(len(free.token_ids)) if stop in decode(free.token_ids[:j + 1],
+                                                                             skip_special_tokens=True))
+    text = free.text
+    stops = [text[i:i + 2] for i in range(len(text) // 3, len(text) - 1) if not text[i:i + 2].isspace()]
+    stop = next(s for s in stops if completed_at(s) % 4 != 0 and completed_at(s) < 20)  # token 0: prefill's
+    params = SamplingParams.greedy(max_new_tokens=24, stop=(stop,), ignore_eos=True)
+    expected = plain.generate([prompt], params)[0]
+    plain_state = jax.device_get(plain.last_state)
+    ids = plain.tokenizer.encode(prompt)
+    table = continuation_table([ids], [free.token_ids], 160)
+    monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(table, plain.config.vocab_size, 3, 1000))
+    spec = Engine.load(folder, max_len=128, num_speculative_tokens=3)
+    got = spec.generate([prompt], params)[0]
+    assert (got.token_ids, got.text, got.finish_reason) == (expected.token_ids, expected.text, "stop")
+    assert len(got.token_ids) == completed_at(stop) + 1 and got.mean_acceptance_length > 3
+    assert_same_state(jax.device_get(spec.last_state), plain_state, [len(ids) + len(got.token_ids) - 1])

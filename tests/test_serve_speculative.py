@@ -164,3 +164,45 @@ def test_speculative_server_reports_acceptance(setup):
     finally:
         http.stop()
     assert main(["--model", "/no/such/folder", "--speculative", "5"]) == 2
+
+
+def test_sampled_requests_on_the_speculative_core_equal_the_engine_alone():
+    """Sampled requests (temperature with top-k, top-p with a presence penalty, min-p) and a greedy one, at once
+    in a 4-slot speculative core: each gets exactly the tokens the speculative `Engine.generate` gives its seed
+    alone (per-request keys: the same whatever slot and neighbours), drafts of the random MTP are accepted
+    (sampled acceptance runs), and every token of the top-k request is within the target model's top k."""
+    model = Qwen35(ModelConfig.from_hf("tiny-moe", mtp_num_hidden_layers=1), rngs=nnx.Rngs(3))
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (7, 19, 4, 30)]
+    params = [SamplingParams(max_new_tokens=24, temperature=0.8, top_k=3, seed=1, ignore_eos=True),
+              SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, presence_penalty=0.5, seed=2,
+                             ignore_eos=True),
+              SamplingParams.greedy(max_new_tokens=16, seed=3, ignore_eos=True),
+              SamplingParams(max_new_tokens=22, temperature=1.3, min_p=0.05, seed=4, ignore_eos=True)]
+    engine = Engine(model, max_len=MAX_LEN, prefill_chunk=CHUNK, num_speculative_tokens=K)
+    alone = [engine.generate([p], [q])[0] for p, q in zip(prompts, params)]
+    core = EngineCore(engine, max_batch=4, decode_steps=2).start()
+    try:
+        outs = [[] for _ in prompts]
+        done = [threading.Event() for _ in prompts]
+
+        def collect(i):
+            def on_output(out):
+                outs[i].append(out)
+                if out.finish_reason is not None:
+                    done[i].set()
+            return on_output
+        for i, (p, q) in enumerate(zip(prompts, params)):
+            core.submit(p, q, collect(i))
+        assert all(event.wait(120) for event in done)
+    finally:
+        core.drain(30)
+    for i, (out, expected) in enumerate(zip(outs, alone)):
+        assert [o.token_id for o in out] == expected.token_ids, f"request {i}"
+        assert out[-1].mean_acceptance_length == pytest.approx(expected.mean_acceptance_length), f"request {i}"
+    assert max(r.mean_acceptance_length for r in alone[:2] + alone[3:]) > 1.2   # sampled drafts were accepted
+    logp, _ = reference(engine, [prompts[0] + alone[0].token_ids])
+    top3 = np.argsort(-logp[0], axis=-1)[:, :3]
+    for t, token in enumerate(alone[0].token_ids):
+        assert token in top3[len(prompts[0]) - 1 + t], t

@@ -15,7 +15,8 @@ from qwen35_jax.checkpoint.orbax_io import convert_hf_to_orbax, export_to_hf
 from qwen35_jax.checkpoint.safetensors_io import SafetensorsFolder
 from qwen35_jax.hf_reference import TINY_VISION_TOKENS, build_hf_multimodal, save_hf_model
 from qwen35_jax.loading import load_model, load_vision_tower
-from qwen35_jax.vision.multimodal import VisionPrompt, multimodal_logits
+from qwen35_jax.vision.multimodal import (VisionPrompt, embed_multimodal, feature_index, gather_features,
+                                          multimodal_logits, prompt_positions, vision_features)
 from qwen35_jax.vision.processing import ProcessedVision
 from qwen35_jax.vision.rope_index import PlaceholderError, mrope_positions
 
@@ -237,3 +238,64 @@ def test_checkpoint_without_vision_tensors_serves_text(multimodal_checkpoint, tm
     with pytest.raises(ValueError, match="no vision encoder"):
         engine.generate([VisionPrompt(mixed_prompt(np.random.default_rng(0), [(1, 2, 2)], None),
                                       random_vision([(1, 2, 2)], 0))])
+
+
+def mtp_reference(model, encoder, prompt: VisionPrompt, token: int) -> np.ndarray:
+    """The MTP hidden state [H] at a vision prompt's last position when `token` follows it, from full-sequence
+    forwards: the main model over the multimodal embeddings at the mRoPE positions, then the MTP block at those
+    positions with each following token's input embedding (its vision feature at an image or video token)."""
+    import jax.numpy as jnp
+    vcfg = model.config.vision
+    ids = np.asarray(prompt.token_ids, np.int32)[None]
+    rows, mask = gather_features(vision_features(encoder, prompt), feature_index(prompt, vcfg)[None])
+    embeds = embed_multimodal(model, jnp.asarray(ids), jnp.asarray(rows), jnp.asarray(mask))
+    positions = jnp.asarray(prompt_positions(prompt, vcfg)[0])[:, None, :]
+    hidden = model.hidden_states(jnp.asarray(ids), positions=positions, embeds=embeds)
+    following = jnp.concatenate([embeds[:, 1:], model.embed(jnp.asarray([[token]]))], axis=1)
+    return np.asarray(model.mtp(hidden, following, positions=positions)[0, -1])
+
+
+def test_speculative_decoding_after_image_and_video_prompts(multimodal_checkpoint, tmp_path, monkeypatch):
+    """The checkpoint with an MTP block (random `mtp.*` tensors added). (1) After an image + video prompt prefilled
+    in 16-token chunks, the MTP's hidden state at the prompt's last position equals `mtp_reference` (<= 1e-5):
+    its cache holds the prompt at the main model's mRoPE positions, with the vision features as the following
+    tokens' inputs. (2) K=2 speculative greedy decoding after an image, a text and a video prompt (batched) gives
+    exactly the plain greedy tokens, with oracle drafts (every acceptance length occurs)."""
+    import shutil
+
+    import jax.numpy as jnp
+    from flax import nnx
+    from test_speculative import continuation_table, oracle_drafts
+
+    import infer.speculative as speculative
+    from infer.engine import Engine
+    from infer.sampling import SamplingParams
+    from qwen35_jax.hf_reference import add_mtp_tensors
+    _, folder = multimodal_checkpoint
+    if "tiny-dense" in str(folder):
+        pytest.skip("speculative decoding with vision is checked on the MoE model (the MTP layer has its MoE)")
+    folder = shutil.copytree(folder, tmp_path / "mtp")
+    add_mtp_tensors(folder, seed=5, std=0.2)
+    rng = np.random.default_rng(11)
+    mixed = VisionPrompt(mixed_prompt(rng, [(1, 4, 6)], (1, 2, 4)), random_vision([(1, 4, 6)], 6),
+                         random_vision([(1, 2, 4)], 7))
+    engine = Engine.load(folder, max_len=160, prefill_chunk=16, num_speculative_tokens=2)
+    logits, state, last_hidden = engine._run_prefill([mixed], engine.init_state(1))
+    token = int(np.argmax(np.asarray(logits)[0]))
+    model = nnx.merge(engine.graphdef, engine.params)
+    got, _ = model.mtp.forward_with_state(last_hidden[:, None], model.embed(jnp.asarray([[token]])), state)
+    expected = mtp_reference(load_model(folder), load_vision_tower(folder), mixed, token)
+    np.testing.assert_allclose(np.asarray(got)[0, 0], expected, atol=1e-5, rtol=0)
+
+    image = VisionPrompt(mixed_prompt(rng, [(1, 6, 4)], None), random_vision([(1, 6, 4)], 3))
+    video = VisionPrompt(mixed_prompt(rng, [], (3, 4, 2)), videos=random_vision([(3, 4, 2)], 4))
+    batch = [image, rng.integers(0, 240, 20).tolist(), video]
+    params = SamplingParams.greedy(max_new_tokens=24)
+    plain = [r.token_ids for r in Engine.load(folder, max_len=160, prefill_chunk=16).generate(batch, params)]
+    ids = [list(p.token_ids) if isinstance(p, VisionPrompt) else p for p in batch]
+    table = continuation_table(ids, plain, 200)
+    monkeypatch.setattr(speculative, "draft_tokens", oracle_drafts(table, engine.config.vocab_size, 2,
+                                                                  corrupt_every=3))
+    results = engine.generate(batch, params)
+    assert [r.token_ids for r in results] == plain
+    assert 1.5 < np.mean([r.mean_acceptance_length for r in results]) <= 3
