@@ -186,3 +186,55 @@ def test_finetuning_trains_the_vision_tower_and_freezes_its_matched_blocks(check
     assert not np.array_equal(np.asarray(after.merger.fc2[...]), np.asarray(before.merger.fc2[...]))
     assert not np.array_equal(np.asarray(after.patch_embed[...]), np.asarray(before.patch_embed[...]))
     jax.block_until_ready(after.patch_embed[...])
+
+
+def mtp_nll(model, encoder, ids, learn, doc=None) -> tuple[float, int]:
+    """(summed NLL of the MTP's predictions of learned tokens i+2, their count) for one document alone, by the
+    inference-side functions: the trunk over its multimodal embeddings at its mRoPE positions, then the MTP fed
+    hidden state i and token i+1's input embedding (its vision feature at an image token)."""
+    from qwen35_jax.vision.multimodal import (VisionPrompt, embed_multimodal, feature_index, gather_features,
+                                              prompt_positions, vision_features)
+    from qwen35_jax.vision.processing import ProcessedVision
+    ids_j = jnp.asarray(np.asarray(ids, np.int32)[None])
+    if doc is None:
+        embeds, positions = model.embed(ids_j), jnp.arange(len(ids))[None]
+    else:
+        prompt = VisionPrompt(list(ids), ProcessedVision(doc.pixel_values, doc.grids))
+        vcfg = model.config.vision
+        rows, mask = gather_features(vision_features(encoder, prompt), feature_index(prompt, vcfg)[None])
+        embeds = embed_multimodal(model, ids_j, jnp.asarray(rows), jnp.asarray(mask))
+        positions = jnp.asarray(prompt_positions(prompt, vcfg)[0])[:, None, :]
+    hidden = model.hidden_states(ids_j, positions=positions, embeds=embeds)
+    logits = np.asarray(model.logits(model.mtp(hidden[:, :-1], embeds[:, 1:], positions=positions[..., :-1])),
+                        np.float64)[0]
+    top = logits.max(-1)
+    lse = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+    nll = lse[:-1] - logits[np.arange(len(ids) - 2), ids[2:]]
+    return float(np.sum(nll * learn[2:])), int(learn[2:].sum())
+
+
+def test_mtp_loss_on_vision_rows_feeds_the_mtp_the_vision_features(checkpoint, data_file, tmp_path):
+    """The checkpoint with an MTP block (random `mtp.*` tensors added) and mtp_loss_weight on: the MTP loss on the
+    packed vision row (two documents with images, a text one) equals the mean over the documents run alone
+    (`mtp_nll`), where an image token following position i enters the MTP as its vision feature, as in speculative
+    decoding."""
+    import shutil
+
+    from qwen35_jax.hf_reference import add_mtp_tensors
+    _, folder = checkpoint
+    path, rows = data_file
+    folder = shutil.copytree(folder, tmp_path / "mtp")
+    add_mtp_tensors(folder, seed=2, std=0.2)
+    model, tok = load_model(folder), Tokenizer.load(folder)
+    data = load_dataset(path, tok, seq_len=160, vision=vision_data(folder, model))
+    trainer = Trainer(model, TrainConfig(batch_size=1, mtp_loss_weight=0.5), vision=load_vision_tower(folder))
+    params = trainer.init_state()["params"]
+    _, metrics = jax.jit(trainer.grads)(params, trainer.put_batch(data.gather(np.arange(1))))
+    ours, encoder = trainer.model(params), load_vision_tower(folder)
+    first, second = (doc for row in data.media for doc in row)
+    text_ids, text_learn = tokenize_example(rows[1], tok)
+    parts = [mtp_nll(ours, encoder, d.ids, d.learn, d) for d in (first, second)]
+    parts.append(mtp_nll(ours, encoder, text_ids, text_learn))
+    total, count = map(sum, zip(*parts))
+    assert int(metrics["mtp_tokens"]) == count
+    assert abs(float(metrics["mtp_loss"]) - total / count) <= 1e-5 * total / count

@@ -289,7 +289,8 @@ class Trainer:
         metrics = {"ce_sum": ce}
         objective = ce / n_counted
         if n_mtp is not None:
-            metrics["mtp_ce_sum"], mtp_stats = self._mtp_ce_sum(model, hidden, batch, positions, stats is not None)
+            metrics["mtp_ce_sum"], mtp_stats = self._mtp_ce_sum(model, hidden, batch, positions, embeds,
+                                                                stats is not None)
             objective = objective + self.tc.mtp_loss_weight * metrics["mtp_ce_sum"] / n_mtp
             stats = add_stats(stats, mtp_stats)  # the MTP's MoE layer is balanced with the trunk's (one more layer)
         if stats is not None:
@@ -300,15 +301,18 @@ class Trainer:
         return objective, metrics
 
     def _mtp_ce_sum(self, model: Qwen35, hidden: jax.Array, batch: dict, positions: jax.Array,
-                    router_stats: bool = False) -> tuple[jax.Array, dict | None]:
+                    embeds: jax.Array | None = None, router_stats: bool = False) -> tuple[jax.Array, dict | None]:
         """The MTP block's summed cross-entropy on token i+2 from (hidden_i, token i+1) (`mtp_targets`): hidden
-        [B, L, H] the trunk's final-normed states, positions [B, L] or [3, B, L] (unshifted), the batch's segments.
+        [B, L, H] the trunk's final-normed states, positions [B, L] or [3, B, L] (unshifted), the batch's segments;
+        embeds: the trunk's input embeddings [B, L, H] of a vision batch (token i+1 enters as its vision feature, as
+        in speculative decoding), None: the token embeddings.
         With tc.mtp_draft_steps S > 1, plus steps 2..S: the same targets from the previous step's output at i-1 in
         place of hidden_i (`mtp_chain_masks`), as drafts 2..K of speculative decoding are made.
         Returns (that sum, with router_stats the MTP layer's router stats summed over the steps, each over the
         positions it trains; else None)."""
         targets, segments = mtp_targets(batch)[0], batch["segment_ids"]
-        next_embeds = model.embed(jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1))))
+        inputs = model.embed(batch["input_ids"]) if embeds is None else embeds
+        next_embeds = jnp.pad(inputs[:, 1:], ((0, 0), (0, 1), (0, 0)))
         # a document's first position has no previous output to chain from: zeros, never the previous document's
         continues = jnp.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (1, 0)))[..., None]
         total, stats = jnp.zeros((), jnp.float32), None
