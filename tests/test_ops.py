@@ -7,7 +7,8 @@ import pytest
 
 from qwen35_jax.ops.attention import attention, causal_mask
 from qwen35_jax.ops.conv import causal_conv1d
-from qwen35_jax.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent, gated_delta_step
+from qwen35_jax.ops.delta_rule import (gated_delta_rule_chunked, gated_delta_rule_recurrent, gated_delta_step,
+                                       gated_delta_steps)
 from qwen35_jax.ops.moe import expert_ffn_rows, moe_experts, route
 from qwen35_jax.ops.norm import l2_normalize
 from qwen35_jax.ops.rope import mrope_axis_of_slot
@@ -67,6 +68,27 @@ def test_delta_rule_continues_from_carried_state():
     out_b, state_b = gated_delta_rule_chunked(*second, initial_state=state_a)
     np.testing.assert_allclose(jnp.concatenate([out_a, out_b], 1), out_all, atol=2e-5)
     np.testing.assert_allclose(state_b, state_all, atol=2e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 5])
+@pytest.mark.parametrize("max_decay", [0.1, 20.0])
+def test_delta_steps_keep_the_oracle_state_after_every_token(steps, max_decay):
+    """The speculative verify's closed form (`gated_delta_steps`): outputs and the state after each token equal the
+    token-by-token oracle run on the first t tokens; padding tokens (g = beta = 0, row 1's last two) leave the
+    state as it was."""
+    q, k, v, g, beta, state = delta_inputs(2, steps, 3, 16, 8, max_decay, seed=steps)
+    if steps > 2:
+        g, beta = g.at[1, -2:].set(0.0), beta.at[1, -2:].set(0.0)
+    out, states = jax.jit(gated_delta_steps)(q, k, v, g, beta, state)
+    assert out.shape == (2, steps, 3, 8) and states.shape == (2, steps + 1, 3, 16, 8)
+    out_ref, _ = gated_delta_rule_recurrent(q, k, v, g, beta, state)
+    np.testing.assert_allclose(out, out_ref, atol=2e-5)
+    np.testing.assert_array_equal(states[:, 0], state)
+    for t in range(1, steps + 1):
+        _, after = gated_delta_rule_recurrent(*(x[:, :t] for x in (q, k, v, g, beta)), state)
+        np.testing.assert_allclose(states[:, t], after, atol=2e-5)
+    if steps > 2:
+        np.testing.assert_array_equal(states[1, -1], states[1, -3])
 
 
 def test_delta_step_hand_computed():
