@@ -73,9 +73,9 @@ def test_delta_rule_continues_from_carried_state():
 @pytest.mark.parametrize("steps", [1, 2, 4, 5])
 @pytest.mark.parametrize("max_decay", [0.1, 20.0])
 def test_delta_steps_keep_the_oracle_state_after_every_token(steps, max_decay):
-    """The speculative verify's closed form (`gated_delta_steps`): outputs and the state after each token equal the
-    token-by-token oracle run on the first t tokens; padding tokens (g = beta = 0, row 1's last two) leave the
-    state as it was."""
+    """The speculative verify's few-token recurrence (`gated_delta_steps`): outputs and the state after each token
+    equal the token-by-token oracle run on the first t tokens; padding tokens (g = beta = 0, row 1's last two) leave
+    the state as it was."""
     q, k, v, g, beta, state = delta_inputs(2, steps, 3, 16, 8, max_decay, seed=steps)
     if steps > 2:
         g, beta = g.at[1, -2:].set(0.0), beta.at[1, -2:].set(0.0)
