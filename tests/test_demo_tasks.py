@@ -8,8 +8,13 @@ import argparse
 import hashlib
 import random
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
+from qwen35_jax.config import ModelConfig
+from qwen35_jax.nn.model import Qwen35
 from qwen35_jax.tokenizer import Tokenizer
 from train import demo
 from train.config import RECIPE_DIR, TrainConfig
@@ -115,6 +120,33 @@ def test_task_defaults():
     args = demo.apply_task_defaults(demo.build_parser().parse_intermixed_args(["--mtp"]))
     assert (args.out, args.train_problems) == ("runs/demo-mtp", 20000)
     assert demo_args("series", train_problems=100, out="o").train_problems == 100
+
+
+def test_a_recipe_flag_names_the_default_out():
+    args = demo.apply_task_defaults(demo.build_parser().parse_intermixed_args(
+        ["--task", "series", "--recipe", "demo-series-wide", "--mtp"]))
+    assert (args.out, args.recipe) == ("runs/demo-series-wide-mtp", "demo-series-wide")
+    assert demo_args("series", recipe="/some/where/mine.yaml").out == "runs/mine"
+    assert demo_args("series", recipe="demo-series-wide", out="o").out == "o"
+
+
+def weight_megabytes(tc: TrainConfig) -> float:
+    """Float32 megabytes of the trunk's decoder layers (no embeddings, lm_head or MTP block) of a recipe's model."""
+    cfg = ModelConfig.from_hf(tc.model, **tc.model_overrides)
+    state = nnx.state(nnx.eval_shape(lambda: Qwen35(cfg, jnp.float32, nnx.Rngs(0))), nnx.Param)
+    sizes = [v.size for path, v in jax.tree_util.tree_flatten_with_path(state)[0]
+             if any(getattr(k, "key", None) == "layers" for k in path)]
+    return 4 * sum(sizes) / 1e6
+
+
+def test_the_wide_recipe_is_dense_and_outgrows_the_cpu_caches(series):
+    """demo-series-wide.yaml's point: a dense model on the series rows whose decoder weights (~61 MB, as its comment
+    says) are beyond a 32 MB L3, where the demo model's fit."""
+    wide = TrainConfig.load("demo-series-wide")
+    assert (wide.model, wide.seq_len, wide.batch_size) == ("tiny-dense", 128, 16)
+    assert 58 < weight_megabytes(wide) < 64
+    assert weight_megabytes(TrainConfig.load("demo-series")) < 32
+    assert max(len(p) + len(a) + 1 for p, a in [*series[0], *series[1]]) <= wide.seq_len
 
 
 def test_the_series_recipe_trains_the_demo_model():

@@ -40,7 +40,7 @@ def test_package_data_globs_cover_every_bundled_file(package, folder):
 
 def test_lookups_list_the_bundled_files():
     assert preset_names() == tuple(sorted(p.stem for p in (ROOT / "qwen35_jax/presets").glob("*.json")))
-    assert recipe_names() == ("demo", "demo-series", "sft-example")
+    assert recipe_names() == ("demo", "demo-series", "demo-series-wide", "sft-example")
     assert bench_config_names() == ("small-dense", "small-moe")
     assert {"tiny-dense", "tiny-moe", "qwen3.5-0.8b", "qwen3.5-397b-a17b"} <= set(preset_names())
 
@@ -85,7 +85,7 @@ def test_every_recipe_loads_by_name(name, tmp_path, monkeypatch):
 
 def test_demo_recipe_model_is_a_preset_and_unknown_recipe_names_the_recipes():
     assert TrainConfig.load("demo").model in preset_names()
-    with pytest.raises(TrainConfigError, match="demo, demo-series, sft-example"):
+    with pytest.raises(TrainConfigError, match="demo, demo-series, demo-series-wide, sft-example"):
         TrainConfig.load("dmeo")
 
 

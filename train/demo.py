@@ -8,6 +8,8 @@ plus `model_overrides: {mtp_num_hidden_layers: 1}` and `mtp_loss_weight` (MTP_LO
 `--task series` asks for a long answer instead: "a+s:" -> the next SERIES_TERMS terms of the arithmetic series,
 "a+s,a+2s,...,a+8s" (about 30 tokens, where an addition's answer has 1-5), which gives MTP speculative decoding
 room to accept several drafts a step; its recipe is train/recipes/demo-series.yaml (the same model).
+`--recipe NAME` trains another recipe's model on the task (e.g. demo-series-wide: 8 dense layers, hidden 384, whose
+decode reads its weights from memory as a real model's does, for speculative decoding speed figures).
 """
 
 from __future__ import annotations
@@ -160,10 +162,14 @@ def build_parser():
                         help="add: \"123+45=\" -> \"168\"; series: \"12+3:\" -> \"15,18,21,24,27,30,33,36\" (the "
                              f"next {SERIES_TERMS} terms; recipe train/recipes/demo-series.yaml)")
     parser.add_argument("--out", help="work folder (data, tokenizer, the run folder `run`); runs/demo-mtp with --mtp; "
-                                      "runs/demo-series (-mtp) with --task series (default: runs/demo)")
+                                      "runs/demo-series (-mtp) with --task series, runs/NAME (-mtp) with --recipe NAME "
+                                      "(default: runs/demo)")
     parser.add_argument("--mtp", action="store_true",
                         help="also train an MTP block (mtp_num_hidden_layers: 1, mtp_loss_weight: "
                              f"{MTP_LOSS_WEIGHT}), for MTP speculative decoding of the final model")
+    parser.add_argument("--recipe",
+                        help="a bundled recipe name or YAML path in place of the task's (e.g. demo-series-wide: a "
+                             "wider dense model whose decode is memory-bound, for MTP speed figures)")
     parser.add_argument("--digits", type=int, default=3,
                         help="operands (series: the first term a) have up to this many digits")
     parser.add_argument("--train-problems", type=int,
@@ -185,7 +191,7 @@ def apply_task_defaults(args):
     if args.train_problems is None:
         args.train_problems = task.train_problems
     if args.out is None:
-        args.out = task.out + ("-mtp" if args.mtp else "")
+        args.out = (f"runs/{Path(args.recipe).stem}" if args.recipe else task.out) + ("-mtp" if args.mtp else "")
     return args
 
 
@@ -227,7 +233,7 @@ def main(argv=None) -> int:
     check_problem_counts(args)
     start = time.perf_counter()
     out, task = Path(args.out), TASKS[args.task]
-    tc = TrainConfig.load(RECIPE_DIR / f"{task.recipe}.yaml",
+    tc = TrainConfig.load(args.recipe or RECIPE_DIR / f"{task.recipe}.yaml",
                           [f"train_data={out / 'train.jsonl'}", f"eval_data={out / 'test.jsonl'}",
                            f"tokenizer={out / 'tokenizer'}", f"output_dir={out / 'run'}", f"seed={args.seed}",
                            *([f"mtp_loss_weight={MTP_LOSS_WEIGHT}"] if args.mtp else []), *args.overrides])
